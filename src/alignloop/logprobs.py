@@ -1,0 +1,40 @@
+"""Log-probabilities of responses under a causal LM, counted over response tokens only."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def pad_sequences(prompts: list[list[int]], responses: list[list[int]], pad_id: int):
+    """Right-padded prompt+response ids, attention mask, and labels that are -100 everywhere but on the
+    response tokens. Shapes [B, T]."""
+    width = max(len(p) + len(r) for p, r in zip(prompts, responses))
+    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    labels = torch.full((len(prompts), width), -100, dtype=torch.long)
+    for row, (p, r) in enumerate(zip(prompts, responses)):
+        ids = p + r
+        input_ids[row, : len(ids)] = torch.tensor(ids)
+        attention_mask[row, : len(ids)] = 1
+        labels[row, len(p) : len(ids)] = torch.tensor(r)
+    return input_ids, attention_mask, labels
+
+
+def token_logps(model, input_ids, attention_mask, labels) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token log-probs of the labels [B, T-1] and the mask of response tokens [B, T-1]."""
+    device = next(model.parameters()).device
+    logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits[:, :-1]
+    targets = labels[:, 1:].to(device)
+    # cross_entropy is the fused, memory-light log_softmax + gather.
+    logps = -F.cross_entropy(
+        logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100, reduction="none"
+    ).view(targets.shape)
+    mask = targets != -100
+    return logps * mask, mask
+
+
+def sequence_logps(model, prompts: list[list[int]], responses: list[list[int]], pad_id: int):
+    """Summed response log-probs [B] and response lengths [B]."""
+    logps, mask = token_logps(model, *pad_sequences(prompts, responses, pad_id))
+    return logps.sum(-1), mask.sum(-1)

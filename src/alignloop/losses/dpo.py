@@ -1,0 +1,60 @@
+"""Direct Preference Optimization (sigmoid DPO) and conservative DPO (cDPO).
+
+Paper: Rafailov et al. 2023, "Direct Preference Optimization: Your Language Model is
+Secretly a Reward Model" (arXiv:2305.18290). cDPO: Mitchell 2023, "A note on DPO with
+noisy preferences & relationship to IPO" (label smoothing).
+
+Intuition: the KL-regularised RLHF objective has a closed-form optimum in which the reward
+is ``beta * log(pi / pi_ref)`` up to a prompt-only constant. Plugging that implicit reward
+into the Bradley-Terry likelihood gives a logistic loss on the *difference of log-ratios*
+between chosen and rejected responses; no reward model, no sampling during training.
+cDPO assumes each label is flipped with probability ``label_smoothing`` and minimises the
+expected loss under that noise, which stops the margin from growing without bound.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["dpo_loss"]
+
+
+def dpo_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    reference_chosen_logps: torch.Tensor,
+    reference_rejected_logps: torch.Tensor,
+    beta: float = 0.1,
+    label_smoothing: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    r"""Sigmoid DPO loss (cDPO when ``label_smoothing > 0``).
+
+    With ``h = (log pi(y_w) - log ref(y_w)) - (log pi(y_l) - log ref(y_l))``::
+
+        loss = -(1 - eps) * log sigmoid(beta * h) - eps * log sigmoid(-beta * h)
+
+    Args:
+        policy_chosen_logps: ``[B]`` policy log-probs of the chosen responses, **summed**
+            over response tokens.
+        policy_rejected_logps: ``[B]`` same for the rejected responses.
+        reference_chosen_logps: ``[B]`` frozen reference model, chosen (summed).
+        reference_rejected_logps: ``[B]`` frozen reference model, rejected (summed).
+        beta: inverse temperature / strength of the implicit KL penalty (paper: 0.1-0.5).
+        label_smoothing: ``eps`` in [0, 0.5), assumed probability that a label is flipped
+            (0 = plain DPO).
+
+    Returns:
+        ``(losses [B], chosen_rewards [B], rejected_rewards [B])``; rewards are the implicit
+        rewards ``beta * (policy - reference)``, detached, for logging (accuracy = chosen >
+        rejected, margin = chosen - rejected).
+    """
+    chosen_logratios = policy_chosen_logps - reference_chosen_logps
+    rejected_logratios = policy_rejected_logps - reference_rejected_logps
+    logits = beta * (chosen_logratios - rejected_logratios)
+    losses = -F.logsigmoid(logits) * (1.0 - label_smoothing)
+    if label_smoothing:
+        losses = losses - F.logsigmoid(-logits) * label_smoothing
+    chosen_rewards = beta * chosen_logratios.detach()
+    rejected_rewards = beta * rejected_logratios.detach()
+    return losses, chosen_rewards, rejected_rewards

@@ -1,0 +1,1 @@
+"""Prompt sets shipped with alignloop (see `alignloop.prompts.builtin`)."""

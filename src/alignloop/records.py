@@ -1,0 +1,160 @@
+"""Reading and writing the record files that the stages exchange (see shared/contracts.md).
+
+Every reader accepts JSON Lines, a HALOs-style JSON array, or (for prompts) Parquet, and every error names
+the file, the line (or array index) and the field at fault. Every writer is atomic: the records go to a
+temporary file beside the target, which is fsynced and renamed over it, so a crash never leaves a
+half-written output behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable
+
+
+class RecordError(ValueError):
+    """Bad input: the message names the file, the line and the field."""
+
+
+def where(path: str | Path, line: int | None) -> str:
+    return f"{path}:{line}" if line is not None else str(path)
+
+
+def read_records(path: str | Path) -> list[dict]:
+    """All records of a JSONL file, a JSON array file, or a Parquet file, in file order.
+
+    Each record gets no extra keys; errors carry the 1-based line number (JSONL) or array index.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise RecordError(f"{path}: no such file")
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        return pq.read_table(path).to_pylist()
+    text = path.read_text(encoding="utf-8")
+    if text.lstrip().startswith("["):
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise RecordError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+        for i, record in enumerate(records):
+            if not isinstance(record, dict):
+                raise RecordError(f"{path}: item {i}: expected a JSON object, got {type(record).__name__}")
+        return records
+    records = []
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise RecordError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(record, dict):
+            raise RecordError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
+        records.append(record)
+    return records
+
+
+def require(record: dict, field: str, kind: type | tuple[type, ...], path: str | Path, line: int | None) -> Any:
+    """record[field], checked for presence and type, or a RecordError naming file, line and field."""
+    if field not in record:
+        raise RecordError(f"{where(path, line)}: missing field '{field}'")
+    value = record[field]
+    if not isinstance(value, kind) or (isinstance(value, bool) and bool not in _as_tuple(kind)):
+        names = "/".join(t.__name__ for t in _as_tuple(kind))
+        raise RecordError(f"{where(path, line)}: field '{field}' must be {names}, got {type(value).__name__}")
+    return value
+
+
+def _as_tuple(kind):
+    return kind if isinstance(kind, tuple) else (kind,)
+
+
+def normalize_prompt(prompt: Any, path: str | Path, line: int | None) -> list[dict]:
+    """A prompt as a list of chat turns; a plain string is one user turn."""
+    if isinstance(prompt, str):
+        return [{"role": "user", "content": prompt}]
+    if not isinstance(prompt, list) or not prompt:
+        raise RecordError(f"{where(path, line)}: field 'prompt' must be a string or a non-empty list of turns")
+    for i, turn in enumerate(prompt):
+        if not (isinstance(turn, dict) and isinstance(turn.get("role"), str) and isinstance(turn.get("content"), str)):
+            raise RecordError(f"{where(path, line)}: field 'prompt[{i}]' must be {{'role': str, 'content': str}}")
+    return prompt
+
+
+def output_text(output: Any, path: str | Path, line: int | None, field: str = "output") -> str:
+    """An output as text; HALOs' list of assistant turns is joined."""
+    if isinstance(output, str):
+        return output
+    if isinstance(output, list) and all(isinstance(t, dict) and isinstance(t.get("content"), str) for t in output):
+        return "".join(t["content"] for t in output)
+    raise RecordError(f"{where(path, line)}: field '{field}' must be a string or a list of assistant turns")
+
+
+def read_prompts(path: str | Path) -> list[dict]:
+    """Prompt records with a normalised 'prompt' and a 'prompt_id' (made from the position if absent)."""
+    prompts = []
+    for i, record in enumerate(read_records(path)):
+        line = i + 1
+        if "prompt" not in record:
+            raise RecordError(f"{where(path, line)}: missing field 'prompt'")
+        record = dict(record)
+        record["prompt"] = normalize_prompt(record["prompt"], path, line)
+        record["prompt_id"] = str(record.get("prompt_id", f"p{i:06d}"))
+        prompts.append(record)
+    return prompts
+
+
+def _json_default(value):
+    if hasattr(value, "item"):  # numpy / torch scalars
+        return value.item()
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def dumps(record: dict) -> str:
+    """One record as one JSON line. NaN/inf are refused: they are not JSON and hide bugs."""
+    return json.dumps(record, ensure_ascii=False, allow_nan=False, default=_json_default)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_records(path: str | Path, records: Iterable[dict]) -> int:
+    """Write records as JSONL atomically; returns how many were written."""
+    lines = [dumps(r) for r in records]
+    atomic_write_text(path, "".join(line + "\n" for line in lines))
+    return len(lines)
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False, allow_nan=False, default=_json_default) + "\n")
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)

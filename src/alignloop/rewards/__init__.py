@@ -1,0 +1,76 @@
+"""Labelers: whatever turns (prompt record, output) into a reward.
+
+A labeler is any object with `name` and `score(items) -> list[Score]`, taking a whole batch so that reward
+models can batch on their side and API judges can fan out asynchronously inside `score`. A labeler may fail
+for one item: it returns `Score(reward=None, error="...")` for it and the sample is left out of feedback,
+never given a made-up number.
+
+The simplest labeler wraps a plain Python function `module:function(prompt_record, output) -> float`
+(`CallableLabeler`); the embedded default's verifier `alignloop.rewards.ifeval:ifeval_reward` is one.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol
+
+
+@dataclass
+class Score:
+    reward: float | None
+    error: str | None = None
+    rewards: dict[str, float] | None = None  # per-objective rewards, for multi-objective labelers
+    extra: dict[str, Any] = field(default_factory=dict)  # e.g. {"judge": {...}} merged into the record
+
+
+class Labeler(Protocol):
+    name: str
+
+    def score(self, items: list[tuple[dict, str]]) -> list[Score]: ...
+
+
+def load_function(spec: str) -> Callable:
+    """`package.module:function` -> the function, or a ValueError that says what is missing."""
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise ValueError(f"reward function '{spec}': expected 'module:function'")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ValueError(f"reward function '{spec}': cannot import module '{module_name}' ({e})") from None
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise ValueError(f"reward function '{spec}': module '{module_name}' has no function '{attr}'")
+    return fn
+
+
+class CallableLabeler:
+    """Scores with a Python function of (prompt record, output). An exception or a non-finite or
+    non-numeric return fails that one sample, with the reason kept."""
+
+    def __init__(self, spec: str):
+        self.name = spec
+        self.fn = load_function(spec)
+
+    def score(self, items: list[tuple[dict, str]]) -> list[Score]:
+        scores = []
+        for record, output in items:
+            try:
+                value = self.fn(record, output)
+            except Exception as e:  # one bad sample must not sink the round
+                scores.append(Score(None, f"{type(e).__name__}: {e}"))
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                scores.append(Score(None, f"reward function returned {value!r}, not a finite number"))
+            else:
+                scores.append(Score(float(value)))
+        return scores
+
+
+def make_labeler(config) -> Labeler:
+    """The labeler a `LabelerConfig` names."""
+    if config.kind == "callable":
+        return CallableLabeler(config.function)
+    raise ValueError(f"labeler.kind '{config.kind}' is not available")

@@ -1,0 +1,1 @@
+"""The four stages of the loop (sample, label, feedback, train), each a plain function over record files."""

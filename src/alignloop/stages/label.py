@@ -1,0 +1,43 @@
+"""Stage 2, label: a reward for every sample, from any labeler (see `alignloop.rewards`).
+
+A sample the labeler could not score keeps `reward: null` and a `label_error`; it is counted, and the
+feedback stage leaves it out.
+"""
+
+from __future__ import annotations
+
+from tqdm import tqdm
+
+from ..records import RecordError, normalize_prompt, require
+
+
+def validate_samples(samples: list[dict], path) -> None:
+    for line, s in enumerate(samples, start=1):
+        require(s, "prompt_id", (str, int), path, line)
+        normalize_prompt(require(s, "prompt", (str, list), path, line), path, line)
+        require(s, "output", str, path, line)
+
+
+def label_records(samples: list[dict], labeler, batch_size: int = 64, progress: str | None = "label") -> tuple[list[dict], dict]:
+    """Scored sample records (in input order) and counts {scored, failed}."""
+    scored = []
+    bar = tqdm(total=len(samples), desc=progress or "label", unit="sample", disable=progress is None)
+    for start in range(0, len(samples), batch_size):
+        batch = samples[start : start + batch_size]
+        scores = labeler.score([(s, s["output"]) for s in batch])
+        if len(scores) != len(batch):
+            raise RecordError(f"labeler {labeler.name} returned {len(scores)} scores for {len(batch)} samples")
+        for sample, score in zip(batch, scores):
+            record = {**sample, "reward": score.reward}
+            if score.rewards is not None:
+                record["rewards"] = score.rewards
+            record.update(score.extra)
+            if score.reward is None:
+                record["label_error"] = score.error or "no reward"
+            else:
+                record.pop("label_error", None)
+            scored.append(record)
+        bar.update(len(batch))
+    bar.close()
+    failed = sum(r["reward"] is None for r in scored)
+    return scored, {"scored": len(scored) - failed, "failed": failed}
