@@ -1,0 +1,340 @@
+"""Stage 4, train: one round of preference optimisation on that round's feedback only.
+
+The recipe, top to bottom:
+1. tokenize the feedback exactly as the sampler rendered it (`models.encode_prompt`);
+2. compute the reference log-probs once, then free the reference model, so only the policy is resident
+   while training;
+3. resume the policy from the last round's checkpoint together with its AdamW moments and scheduler
+   position (a fresh optimizer every round would throw the moments away; HALOs restores only the scheduler);
+4. train with gradient accumulation and clipping under Accelerate, so the same code runs data-parallel or
+   sharded under `accelerate launch`;
+5. write the checkpoint atomically: a HF folder (safetensors, tokenizer, generation config) plus the
+   optimizer state (safetensors + JSON), the scheduler state and the trainer state.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import random
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from ..logprobs import sequence_logps
+from ..losses import LOSSES, mismatched_indices
+from ..models import encode_prompt, encode_response, load_causal_lm, load_tokenizer
+from ..records import write_json
+from .feedback import pairs_to_binary
+
+OPTIMIZER_TENSORS = "optimizer.safetensors"
+OPTIMIZER_META = "optimizer.json"
+SCHEDULER_STATE = "scheduler.json"
+TRAINER_STATE = "trainer_state.json"
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (a NaN loss, feedback the loss cannot use)."""
+
+
+@dataclass
+class Example:
+    """One training example: a prompt and its responses (chosen, rejected) or (output,) plus, for KTO,
+    the mismatched output used for the KL estimate."""
+
+    prompt: list[int]
+    responses: list[list[int]]
+    desirable: bool = True
+    kl_response: list[int] | None = None
+    reference: list[float] = field(default_factory=list)  # reference log-probs of responses (+ kl_response)
+
+
+def build_examples(feedback: list[dict], loss: str, tokenizer, max_length: int, seed: int) -> list[Example]:
+    """Examples for the loss from the round's feedback; pairs are split for losses that take binary labels."""
+    spec = LOSSES[loss]
+    kinds = {r["type"] for r in feedback}
+    if spec.feedback == "binary" and kinds == {"pairwise_feedback"}:
+        feedback = pairs_to_binary(feedback)
+    elif spec.feedback == "pairwise" and "binary_feedback" in kinds:
+        raise TrainingError(f"loss '{loss}' needs pairwise feedback; got binary feedback (use feedback.type: pairwise)")
+    elif spec.feedback == "scored_groups":
+        raise TrainingError(f"loss '{loss}' trains on scored groups of samples, not on feedback records")
+    examples = []
+    for r in feedback:
+        prompt = encode_prompt(tokenizer, r["prompt"])
+        if r["type"] == "pairwise_feedback":
+            chosen, rejected = (r["output_A"], r["output_B"]) if r["label"] == 1 else (r["output_B"], r["output_A"])
+            if spec.feedback == "any":  # SFT learns from the preferred output only
+                examples.append(Example(prompt, [encode_response(tokenizer, chosen)]))
+            else:
+                examples.append(Example(prompt, [encode_response(tokenizer, chosen), encode_response(tokenizer, rejected)]))
+        else:
+            if spec.feedback == "any" and not r["label"]:
+                continue
+            examples.append(Example(prompt, [encode_response(tokenizer, r["output"])], desirable=bool(r["label"])))
+    for e in examples:  # keep the end of each response; cut the prompt from the left if too long
+        budget = max_length - max(len(x) for x in e.responses)
+        e.prompt = e.prompt[-budget:] if budget > 0 else e.prompt[-1:]
+        e.responses = [x[: max_length - len(e.prompt)] for x in e.responses]
+    if loss == "kto" and examples:
+        # KTO's reference point: each prompt paired with another example's output (a fixed seeded
+        # derangement, so it does not depend on how examples fall into batches).
+        order = list(range(len(examples)))
+        random.Random(seed).shuffle(order)
+        partner = mismatched_indices(len(order)).tolist()
+        for k, i in enumerate(order):
+            e = examples[i]
+            e.kl_response = examples[order[partner[k]]].responses[0][: max_length - len(e.prompt)]
+    return examples
+
+
+def _sequences(examples: list[Example], with_kl: bool):
+    """All (prompt, response) sequences of a batch, grouped by response slot: slot 0 of every example,
+    then slot 1, ...; then the KL sequences."""
+    slots = len(examples[0].responses)
+    prompts = [e.prompt for s in range(slots) for e in examples]
+    responses = [e.responses[s] for s in range(slots) for e in examples]
+    if with_kl:
+        prompts += [e.prompt for e in examples]
+        responses += [e.kl_response for e in examples]
+    return prompts, responses
+
+
+def compute_reference_logps(examples: list[Example], reference_path: str, dtype: str, batch_size: int,
+                            pad_id: int, trust_remote_code: bool, progress: bool) -> None:
+    """Fill `Example.reference` with the frozen reference's summed log-probs, then free the model."""
+    model = load_causal_lm(reference_path, dtype, trust_remote_code).eval()
+    with torch.no_grad():
+        for start in tqdm(range(0, len(examples), batch_size), desc="reference log-probs", disable=not progress):
+            batch = examples[start : start + batch_size]
+            prompts, responses = _sequences(batch, with_kl=batch[0].kl_response is not None)
+            logps, _ = sequence_logps(model, prompts, responses, pad_id)
+            per_example = logps.view(-1, len(batch)).t()
+            for e, row in zip(batch, per_example):
+                e.reference = row.tolist()
+    del model
+    gc.collect()
+
+
+def loss_on_batch(loss: str, params: dict, model, batch: list[Example], pad_id: int, kl_override=None):
+    """Per-example losses [B] and detached metrics for one micro-batch."""
+    spec = LOSSES[loss]
+    with_kl = loss == "kto"
+    slots = len(batch[0].responses)
+    prompts, responses = _sequences(batch, with_kl=False)
+    logps, lengths = sequence_logps(model, prompts, responses, pad_id)
+    B = len(batch)
+    if spec.logps == "average":
+        logps = logps / lengths.clamp(min=1)
+    policy = logps.view(slots, B)
+    metrics: dict[str, torch.Tensor] = {}
+    if spec.needs_reference:
+        ref = torch.tensor([e.reference for e in batch], dtype=logps.dtype, device=logps.device).t()
+        if spec.logps == "average":
+            ref_lengths = lengths.view(slots, B).clamp(min=1)
+            ref = torch.cat([ref[:slots] / ref_lengths, ref[slots:]])
+    if spec.feedback == "pairwise":
+        args = (policy[0], policy[1], ref[0], ref[1]) if spec.needs_reference else (policy[0], policy[1])
+        losses, chosen_rewards, rejected_rewards = spec.fn(*args, **params)
+        margin = chosen_rewards - rejected_rewards
+        metrics = {"rewards/chosen": chosen_rewards.mean(), "rewards/rejected": rejected_rewards.mean(),
+                   "rewards/margin": margin.mean(), "rewards/accuracy": (margin > 0).float().mean()}
+        if spec.needs_reference:
+            metrics["kl"] = (policy[0] - ref[0]).detach().mean()  # sequence log-ratio of chosen: a KL estimate
+    elif loss == "kto":
+        kl_logps = None
+        if kl_override is None:
+            with torch.no_grad():
+                kl_logps, _ = sequence_logps(model, [e.prompt for e in batch], [e.kl_response for e in batch], pad_id)
+        desirable = torch.tensor([e.desirable for e in batch], device=logps.device)
+        losses, rewards, kl = spec.fn(policy[0], ref[0], kl_logps, ref[1], desirable, **params, kl=kl_override)
+        metrics = {"kl": kl}
+        if desirable.any():
+            metrics["rewards/chosen"] = rewards[desirable].mean()
+        if (~desirable).any():
+            metrics["rewards/rejected"] = rewards[~desirable].mean()
+    else:  # sft
+        losses, _ = spec.fn(policy[0] if spec.logps != "average" else policy[0] * lengths, lengths)
+    if not torch.isfinite(losses).all():
+        raise TrainingError(f"loss '{loss}' is not finite (NaN or inf) on this batch; lower the learning rate or check the data")
+    return losses, {k: float(v) for k, v in metrics.items()}
+
+
+# ---- optimizer, scheduler and trainer state on disk (safetensors + JSON, nothing pickled) ----
+
+def save_optimizer(optimizer: torch.optim.Optimizer, folder: Path) -> None:
+    from safetensors.torch import save_file
+
+    state = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for pid, pstate in state["state"].items():
+        for key, value in pstate.items():
+            if torch.is_tensor(value):
+                tensors[f"{pid}.{key}"] = value.detach().contiguous().cpu()
+            else:
+                scalars[f"{pid}.{key}"] = value
+    save_file(tensors, str(folder / OPTIMIZER_TENSORS))
+    write_json(folder / OPTIMIZER_META, {"param_groups": state["param_groups"], "scalars": scalars})
+
+
+def load_optimizer(optimizer: torch.optim.Optimizer, folder: Path) -> None:
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(folder / OPTIMIZER_TENSORS))
+    meta = json.loads((folder / OPTIMIZER_META).read_text())
+    state: dict[int, dict] = {}
+    for name, value in list(tensors.items()) + list(meta["scalars"].items()):
+        pid, key = name.split(".", 1)
+        state.setdefault(int(pid), {})[key] = value
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def warmup_then_constant(warmup_steps: int):
+    """Linear warmup to the full learning rate, then constant: an online run has no known end."""
+    return lambda step: min(1.0, (step + 1) / max(1, warmup_steps))
+
+
+@dataclass
+class TrainConfig:
+    loss: str = "dpo"
+    loss_params: dict = field(default_factory=dict)
+    lr: float = 5e-6
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    batch_size: int = 4
+    gradient_accumulation_steps: int = 1
+    epochs: int = 1
+    max_grad_norm: float = 1.0
+    max_length: int = 512
+    dtype: str = "float32"
+    mixed_precision: str = "no"  # "bf16": autocast matmuls to bfloat16, weights and Adam moments stay float32
+    reference_dtype: str = "float32"
+    seed: int = 0
+
+
+def train_round(feedback: list[dict], *, policy: str, reference: str, out_dir: str | Path,
+                resume: str | Path | None, config: TrainConfig, round_index: int = 0,
+                trust_remote_code: bool = False, progress: bool = True, log=None) -> dict:
+    """Train the policy on `feedback` and write the checkpoint to `out_dir` (atomically).
+
+    `policy` is where the weights come from (the SFT model, or the previous round's checkpoint); when
+    `resume` names a checkpoint folder, the optimizer, scheduler and trainer state come from it too.
+    `log(dict)` receives one dict per optimizer step. Returns a summary of the round.
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    accelerator = Accelerator(gradient_accumulation_steps=config.gradient_accumulation_steps,
+                              mixed_precision=config.mixed_precision)
+    set_seed(config.seed + round_index)
+    spec = LOSSES[config.loss]
+    params = {**spec.defaults, **config.loss_params}
+    tokenizer = load_tokenizer(policy, trust_remote_code)
+    pad_id = tokenizer.pad_token_id
+    examples = build_examples(feedback, config.loss, tokenizer, config.max_length, config.seed + round_index)
+    if not examples:
+        raise TrainingError("no training examples in this round's feedback")
+    show = progress and accelerator.is_main_process
+    if spec.needs_reference:
+        compute_reference_logps(examples, reference, config.reference_dtype, config.batch_size, pad_id, trust_remote_code, show)
+
+    model = load_causal_lm(policy, config.dtype, trust_remote_code)
+    model.train()
+    model.config.use_cache = False
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_then_constant(config.warmup_steps))
+    state = {"global_step": 0, "rounds": []}
+    if resume is not None:
+        resume = Path(resume)
+        load_optimizer(optimizer, resume)
+        scheduler.load_state_dict(json.loads((resume / SCHEDULER_STATE).read_text()))
+        state = json.loads((resume / TRAINER_STATE).read_text())
+        for group in optimizer.param_groups:  # the config may change the learning rate between runs
+            group["initial_lr"] = config.lr
+        scheduler.base_lrs = [config.lr for _ in optimizer.param_groups]
+    model, optimizer = accelerator.prepare(model, optimizer)
+
+    # Each process takes every num_processes-th batch; the order is seeded per round and epoch.
+    rng = random.Random(config.seed * 1000 + round_index)
+    batches = []
+    for _ in range(config.epochs):
+        order = list(range(len(examples)))
+        rng.shuffle(order)
+        batches += [order[i : i + config.batch_size] for i in range(0, len(order), config.batch_size)]
+    world, rank = accelerator.num_processes, accelerator.process_index
+    batches = batches[: len(batches) - len(batches) % world] if len(batches) >= world else batches[:1] * world
+    my_batches = batches[rank::world]
+    step_metrics: list[dict] = []
+    accumulated: list[dict] = []
+    bar = tqdm(my_batches, desc=f"train r{round_index:03d}", unit="batch", disable=not show)
+    for k, batch_ids in enumerate(bar):
+        batch = [examples[i] for i in batch_ids]
+        with accelerator.accumulate(model):
+            kl = None
+            if config.loss == "kto":  # the reference point is shared across processes
+                with torch.no_grad():
+                    kl_logps, _ = sequence_logps(model, [e.prompt for e in batch], [e.kl_response for e in batch], pad_id)
+                local = (kl_logps - torch.tensor([e.reference[1] for e in batch], device=kl_logps.device)).mean()
+                kl = accelerator.reduce(local.detach(), reduction="mean")
+            losses, metrics = loss_on_batch(config.loss, params, model, batch, pad_id, kl_override=kl)
+            loss = losses.mean()
+            accelerator.backward(loss)
+            accumulated.append({"loss": loss.item(), **metrics})
+            if accelerator.sync_gradients or k == len(my_batches) - 1:
+                grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad()
+                state["global_step"] += 1
+                row = {key: sum(a[key] for a in accumulated if key in a) / sum(key in a for a in accumulated)
+                       for key in accumulated[0]}
+                row.update(step=state["global_step"], round=round_index, grad_norm=float(grad_norm),
+                           lr=scheduler.get_last_lr()[0])
+                accumulated = []
+                step_metrics.append(row)
+                bar.set_postfix(loss=f"{row['loss']:.4f}")
+                if log is not None and accelerator.is_main_process:
+                    log(row)
+
+    summary = {
+        "examples": len(examples), "steps": len(step_metrics), "global_step": state["global_step"],
+        "loss": sum(r["loss"] for r in step_metrics) / max(1, len(step_metrics)),
+    }
+    for key in ("rewards/accuracy", "rewards/margin", "kl"):
+        values = [r[key] for r in step_metrics if key in r]
+        if values:
+            summary[key] = sum(values) / len(values)
+    state["rounds"].append({"round": round_index, **summary})
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        save_checkpoint(accelerator.unwrap_model(model), tokenizer, optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer,
+                        scheduler, state, Path(out_dir))
+    accelerator.wait_for_everyone()
+    del model, optimizer
+    gc.collect()
+    return summary
+
+
+def save_checkpoint(model, tokenizer, optimizer, scheduler, state: dict, out_dir: Path) -> None:
+    """Everything a later round needs, written to a temporary folder and renamed into place."""
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.config.use_cache = True
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    save_optimizer(optimizer, tmp)
+    write_json(tmp / SCHEDULER_STATE, scheduler.state_dict())
+    write_json(tmp / TRAINER_STATE, state)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)
+
+
+def is_checkpoint(folder: str | Path) -> bool:
+    folder = Path(folder)
+    return all((folder / f).exists() for f in ("config.json", OPTIMIZER_TENSORS, SCHEDULER_STATE, TRAINER_STATE))
+
