@@ -81,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = OptimConfig()
     for name in ("lr", "weight_decay", "warmup_steps", "batch_size", "gradient_accumulation_steps", "epochs", "max_grad_norm", "max_length"):
         p.add_argument("--" + name.replace("_", "-"), type=type(getattr(d, name)), default=getattr(d, name))
+    p.add_argument("--mixed-precision", default=d.mixed_precision, choices=["no", "bf16"])
     return parser
 
 
@@ -177,7 +178,8 @@ def _dispatch(args) -> int:
         config = TrainConfig(
             loss=args.loss, loss_params=params, lr=args.lr, weight_decay=args.weight_decay, warmup_steps=args.warmup_steps,
             batch_size=args.batch_size, gradient_accumulation_steps=args.gradient_accumulation_steps, epochs=args.epochs,
-            max_grad_norm=args.max_grad_norm, max_length=args.max_length, seed=args.seed,
+            max_grad_norm=args.max_grad_norm, max_length=args.max_length, mixed_precision=args.mixed_precision,
+            seed=args.seed,
         )
         summary = train_round(feedback, policy=args.resume or args.policy, reference=args.reference or args.policy,
                               out_dir=args.out, resume=args.resume, config=config, round_index=args.round,

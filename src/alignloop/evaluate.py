@@ -11,12 +11,13 @@ from .stages.sample import sample_records
 
 
 def evaluate_policy(policy: str, prompts: list[dict], labeler, sampler, round_index: int, seed: int,
-                    trust_remote_code: bool = False, progress: str | None = "held-out") -> list[dict]:
+                    trust_remote_code: bool = False, progress: str | None = "held-out",
+                    generator: str | None = None) -> list[dict]:
     """Scored records of one greedy answer per held-out prompt."""
     samples = sample_records(
         prompts, policy, n=1, round_index=round_index, seed=seed, temperature=0.0, top_p=1.0,
         max_new_tokens=sampler.max_new_tokens, stop=sampler.stop, batch_size=sampler.batch_size,
-        dtype=sampler.dtype, trust_remote_code=trust_remote_code, progress=progress,
+        dtype=sampler.dtype, trust_remote_code=trust_remote_code, progress=progress, generator=generator,
     )
     scored, _ = label_records(samples, labeler, progress=None)
     return scored

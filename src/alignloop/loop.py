@@ -57,6 +57,12 @@ class Run:
         with open(self.dir / "metrics.jsonl", "a", encoding="utf-8") as f:
             f.write(dumps({"time": time.time(), **event}) + "\n")
 
+    def policy_id(self, policy: str) -> str:
+        """A policy's name in records: relative to the run directory for its own checkpoints, so that
+        records do not depend on where the run directory lives."""
+        path = Path(policy).resolve()
+        return str(path.relative_to(self.dir.resolve())) if path.is_relative_to(self.dir.resolve()) else policy
+
     def round_dir(self, r: int) -> Path:
         return self.dir / "rounds" / f"r{r:03d}"
 
@@ -128,6 +134,7 @@ def run_loop(config: Config, progress: bool = True, echo=print) -> dict:
                 max_new_tokens=config.sampler.max_new_tokens, stop=config.sampler.stop,
                 batch_size=config.sampler.batch_size, dtype=config.sampler.dtype,
                 trust_remote_code=config.trust_remote_code, progress=progress and f"sample r{r:03d}" or None,
+                generator=run.policy_id(policy),
             )
             write_records(samples_path, samples)
             entry = run.mark_done(r, "sample", samples_path, {
@@ -196,7 +203,8 @@ def run_loop(config: Config, progress: bool = True, echo=print) -> dict:
             if not (entry := run.done(r, "eval", eval_path)):
                 t = time.time()
                 scored = evaluate_policy(policy, heldout, labeler, config.sampler, r, config.seed,
-                                         config.trust_remote_code, progress and f"held-out r{r:03d}")
+                                         config.trust_remote_code, progress and f"held-out r{r:03d}",
+                                         generator=run.policy_id(policy))
                 write_records(eval_path, scored)
                 entry = run.mark_done(r, "eval", eval_path, {"policy": policy, "count": len(scored),
                                                              "reward": mean_reward(scored), "seconds": time.time() - t})

@@ -77,6 +77,13 @@ def resolve_model_path(name_or_path: str) -> str:
     return name_or_path  # an "org/name" hub id; transformers says clearly if it cannot be had
 
 
+def _quiet_transformers() -> None:
+    """Our own bars show progress; transformers' per-load bars would only bury them."""
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+
+
 def load_tokenizer(path: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
@@ -97,6 +104,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 def load_causal_lm(path: str, dtype: str = "float32", trust_remote_code: bool = False):
     from transformers import AutoModelForCausalLM
 
+    _quiet_transformers()
     try:
         return AutoModelForCausalLM.from_pretrained(
             resolve_model_path(path), dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, use_safetensors=True

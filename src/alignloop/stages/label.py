@@ -21,7 +21,7 @@ def validate_samples(samples: list[dict], path) -> None:
 def label_records(samples: list[dict], labeler, batch_size: int = 64, progress: str | None = "label") -> tuple[list[dict], dict]:
     """Scored sample records (in input order) and counts {scored, failed}."""
     scored = []
-    bar = tqdm(total=len(samples), desc=progress or "label", unit="sample", disable=progress is None)
+    bar = tqdm(total=len(samples), desc=progress or "label", unit="sample", disable=not progress)
     for start in range(0, len(samples), batch_size):
         batch = samples[start : start + batch_size]
         scores = labeler.score([(s, s["output"]) for s in batch])

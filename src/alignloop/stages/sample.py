@@ -43,7 +43,7 @@ def generate(
     device = next(model.parameters()).device
     torch.manual_seed(seed)  # one seed per stage: the same run samples the same outputs, resumed or not
     batches = [order[i : i + prompts_per_batch] for i in range(0, len(order), prompts_per_batch)]
-    for batch in tqdm(batches, desc=progress or "sample", unit="batch", disable=progress is None):
+    for batch in tqdm(batches, desc=progress or "sample", unit="batch", disable=not progress):
         width = max(len(encoded[i]) for i in batch)
         input_ids = torch.full((len(batch), width), tokenizer.pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros((len(batch), width), dtype=torch.long)

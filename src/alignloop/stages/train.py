@@ -105,10 +105,14 @@ def _sequences(examples: list[Example], with_kl: bool):
 
 
 def compute_reference_logps(examples: list[Example], reference_path: str, dtype: str, batch_size: int,
-                            pad_id: int, trust_remote_code: bool, progress: bool) -> None:
-    """Fill `Example.reference` with the frozen reference's summed log-probs, then free the model."""
+                            pad_id: int, trust_remote_code: bool, progress: bool, bf16_autocast: bool = False) -> None:
+    """Fill `Example.reference` with the frozen reference's summed log-probs, then free the model.
+
+    Under bf16 mixed precision the reference runs under the same autocast as the policy, so that before
+    the first update the policy/reference log-ratio is exactly zero."""
     model = load_causal_lm(reference_path, dtype, trust_remote_code).eval()
-    with torch.no_grad():
+    device = next(model.parameters()).device
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16_autocast):
         for start in tqdm(range(0, len(examples), batch_size), desc="reference log-probs", disable=not progress):
             batch = examples[start : start + batch_size]
             prompts, responses = _sequences(batch, with_kl=batch[0].kl_response is not None)
@@ -240,7 +244,8 @@ def train_round(feedback: list[dict], *, policy: str, reference: str, out_dir: s
         raise TrainingError("no training examples in this round's feedback")
     show = progress and accelerator.is_main_process
     if spec.needs_reference:
-        compute_reference_logps(examples, reference, config.reference_dtype, config.batch_size, pad_id, trust_remote_code, show)
+        compute_reference_logps(examples, reference, config.reference_dtype, config.batch_size, pad_id,
+                                trust_remote_code, show, bf16_autocast=config.mixed_precision == "bf16")
 
     model = load_causal_lm(policy, config.dtype, trust_remote_code)
     model.train()
