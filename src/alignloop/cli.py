@@ -146,11 +146,12 @@ def _dispatch(args) -> int:
         from .rewards import CallableLabeler
         from .stages.label import label_records, validate_samples
 
+        labeler = CallableLabeler(args.function)  # a bad function name fails before any work
         samples = read_records(args.samples)
         validate_samples(samples, args.samples)
         if not samples:
             raise NothingToDo(f"{args.samples} holds no samples")
-        scored, counts = label_records(samples, CallableLabeler(args.function), progress="label" if progress else None)
+        scored, counts = label_records(samples, labeler, progress="label" if progress else None)
         write_records(args.out, scored)
         print(f"wrote {len(scored)} scored samples to {args.out} ({counts['failed']} could not be scored)")
         return 0
