@@ -142,13 +142,12 @@ def _dispatch(args) -> int:
         return 0
 
     if args.verb == "label":
-        from .records import read_records, write_records
+        from .records import write_records
         from .rewards import CallableLabeler
-        from .stages.label import label_records, validate_samples
+        from .stages.label import label_records, read_samples
 
         labeler = CallableLabeler(args.function)  # a bad function name fails before any work
-        samples = read_records(args.samples)
-        validate_samples(samples, args.samples)
+        samples = read_samples(args.samples)
         if not samples:
             raise NothingToDo(f"{args.samples} holds no samples")
         scored, counts = label_records(samples, labeler, progress="label" if progress else None)

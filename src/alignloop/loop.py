@@ -9,6 +9,7 @@ same records as one that never stopped.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import shutil
@@ -102,7 +103,6 @@ def run_loop(config: Config, progress: bool = True, echo=print) -> dict:
     random.Random(config.seed).shuffle(prompts)
     prompts = prompts[: config.total_prompts]
     heldout = load_prompts(config.heldout) if config.heldout else []
-    bar = progress and "sample" or None
 
     if heldout:
         out = run.dir / "eval" / "sft_heldout.jsonl"
@@ -139,6 +139,7 @@ def run_loop(config: Config, progress: bool = True, echo=print) -> dict:
             write_records(samples_path, samples)
             entry = run.mark_done(r, "sample", samples_path, {
                 "policy": policy, "prompts": end - start, "prompt_slice": [start, end], "count": len(samples),
+                "input_sha256": hashlib.sha256("".join(dumps(p) for p in prompts[start:end]).encode()).hexdigest(),
                 "seed": seed, "seconds": time.time() - t,
             })
         timings["sample"] = entry["seconds"]

@@ -113,6 +113,12 @@ def load_causal_lm(path: str, dtype: str = "float32", trust_remote_code: bool = 
         raise ModelError(f"model path {path}: cannot load a causal LM ({str(e).splitlines()[0]})") from None
 
 
+def inference_device() -> torch.device:
+    """Where sampling and reference scoring run: the first GPU when there is one. (Training places the
+    policy through Accelerate.)"""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def encode_prompt(tokenizer, turns: list[dict]) -> list[int]:
     """Token ids of a chat prompt, ending with the assistant header: the one rendering the sampler and the
     trainer both use."""

@@ -25,18 +25,17 @@ def where(path: str | Path, line: int | None) -> str:
     return f"{path}:{line}" if line is not None else str(path)
 
 
-def read_records(path: str | Path) -> list[dict]:
-    """All records of a JSONL file, a JSON array file, or a Parquet file, in file order.
-
-    Each record gets no extra keys; errors carry the 1-based line number (JSONL) or array index.
-    """
+def read_located(path: str | Path) -> list[tuple[dict, str, int | None]]:
+    """All records of a JSONL file, a JSON array file, or a Parquet file, in file order, each with where it
+    sits as (record, label, line) for `where(label, line)`: JSONL records carry their 1-based line, array
+    and Parquet records a label "file: item i" / "file: row i"."""
     path = Path(path)
     if not path.exists():
         raise RecordError(f"{path}: no such file")
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
 
-        return pq.read_table(path).to_pylist()
+        return [(r, f"{path}: row {i}", None) for i, r in enumerate(pq.read_table(path).to_pylist())]
     text = path.read_text(encoding="utf-8")
     if text.lstrip().startswith("["):
         try:
@@ -46,8 +45,8 @@ def read_records(path: str | Path) -> list[dict]:
         for i, record in enumerate(records):
             if not isinstance(record, dict):
                 raise RecordError(f"{path}: item {i}: expected a JSON object, got {type(record).__name__}")
-        return records
-    records = []
+        return [(r, f"{path}: item {i}", None) for i, r in enumerate(records)]
+    located = []
     for lineno, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
@@ -57,8 +56,13 @@ def read_records(path: str | Path) -> list[dict]:
             raise RecordError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
         if not isinstance(record, dict):
             raise RecordError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
-        records.append(record)
-    return records
+        located.append((record, str(path), lineno))
+    return located
+
+
+def read_records(path: str | Path) -> list[dict]:
+    """All records of a record file, in file order (see `read_located`)."""
+    return [record for record, _, _ in read_located(path)]
 
 
 def require(record: dict, field: str, kind: type | tuple[type, ...], path: str | Path, line: int | None) -> Any:
@@ -100,12 +104,11 @@ def output_text(output: Any, path: str | Path, line: int | None, field: str = "o
 def read_prompts(path: str | Path) -> list[dict]:
     """Prompt records with a normalised 'prompt' and a 'prompt_id' (made from the position if absent)."""
     prompts = []
-    for i, record in enumerate(read_records(path)):
-        line = i + 1
+    for i, (record, label, line) in enumerate(read_located(path)):
         if "prompt" not in record:
-            raise RecordError(f"{where(path, line)}: missing field 'prompt'")
+            raise RecordError(f"{where(label, line)}: missing field 'prompt'")
         record = dict(record)
-        record["prompt"] = normalize_prompt(record["prompt"], path, line)
+        record["prompt"] = normalize_prompt(record["prompt"], label, line)
         record["prompt_id"] = str(record.get("prompt_id", f"p{i:06d}"))
         prompts.append(record)
     return prompts

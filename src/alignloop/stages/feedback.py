@@ -30,7 +30,7 @@ from alignloop.records import (
     is_number,
     normalize_prompt,
     output_text,
-    read_records,
+    read_located,
     require,
     where,
     write_records,
@@ -228,7 +228,7 @@ def read_scored(path: str | Path) -> list[dict]:
     be a finite number or null (null = the labeler could not score it). Other fields are carried untouched.
     """
     samples = []
-    for record, (label, line) in zip(read_records(path), _positions(path)):
+    for record, label, line in read_located(path):
         sample = dict(record)
         sample["prompt_id"] = _prompt_id(record, label, line, required=True)
         sample["prompt"] = normalize_prompt(require(record, "prompt", (str, list), label, line), label, line)
@@ -252,7 +252,7 @@ def read_feedback(path: str | Path) -> list[dict]:
     Output fields become strings, pairwise labels 0/1, binary labels booleans.
     """
     feedback = []
-    for record, (label, line) in zip(read_records(path), _positions(path)):
+    for record, label, line in read_located(path):
         kind = record.get("type")
         if kind is None:
             kind = _guess_type(record, label, line)
@@ -345,24 +345,6 @@ def _reward(record: dict, field: str, label: str, line: int | None, required: bo
         return value
     shown = repr(value) if isinstance(value, (float, str)) else type(value).__name__
     raise RecordError(f"{where(label, line)}: field '{field}' must be a finite number or null, got {shown}")
-
-
-def _positions(path: str | Path) -> list[tuple[str, int | None]]:
-    """Where each record of a file sits, as (label, line) for records.where().
-
-    read_records returns bare records, so this mirrors its parsing: JSONL records get their 1-based line
-    (blank lines skipped, as read_records skips them); JSON-array and Parquet records get "file: item i" /
-    "file: row i" with no line. Only called after read_records succeeded, so the file exists and parses.
-    """
-    path = Path(path)
-    if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        return [(f"{path}: row {i}", None) for i in range(pq.read_metadata(path).num_rows)]
-    text = path.read_text(encoding="utf-8")
-    if text.lstrip().startswith("["):
-        return [(f"{path}: item {i}", None) for i in range(len(json.loads(text)))]
-    return [(str(path), n) for n, line in enumerate(text.splitlines(), start=1) if line.strip()]
 
 
 def _as_number(value: Any) -> float | None:

@@ -8,14 +8,18 @@ from __future__ import annotations
 
 from tqdm import tqdm
 
-from ..records import RecordError, normalize_prompt, require
+from ..records import RecordError, normalize_prompt, read_located, require
 
 
-def validate_samples(samples: list[dict], path) -> None:
-    for line, s in enumerate(samples, start=1):
-        require(s, "prompt_id", (str, int), path, line)
-        normalize_prompt(require(s, "prompt", (str, list), path, line), path, line)
-        require(s, "output", str, path, line)
+def read_samples(path) -> list[dict]:
+    """Sample records, each checked for the fields a labeler needs (errors name file, line and field)."""
+    samples = []
+    for s, label, line in read_located(path):
+        require(s, "prompt_id", (str, int), label, line)
+        normalize_prompt(require(s, "prompt", (str, list), label, line), label, line)
+        require(s, "output", str, label, line)
+        samples.append(s)
+    return samples
 
 
 def label_records(samples: list[dict], labeler, batch_size: int = 64, progress: str | None = "label") -> tuple[list[dict], dict]:

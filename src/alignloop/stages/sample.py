@@ -7,12 +7,10 @@ extra field of a prompt record (a verifier's constraints, say) is carried into i
 
 from __future__ import annotations
 
-import time
-
 import torch
 from tqdm import tqdm
 
-from ..models import encode_prompt, load_causal_lm, load_tokenizer
+from ..models import encode_prompt, inference_device, load_causal_lm, load_tokenizer
 
 
 def generate(
@@ -103,13 +101,11 @@ def sample_records(
     """Sample records per the contract, prompt by prompt, sample_id 0..n-1."""
     tokenizer = load_tokenizer(policy, trust_remote_code)
     tokenizer.padding_side = "left"
-    model = load_causal_lm(policy, dtype, trust_remote_code).eval()
-    started = time.time()
+    model = load_causal_lm(policy, dtype, trust_remote_code).to(inference_device()).eval()
     outputs = generate(model, tokenizer, prompts, n, temperature, top_p, max_new_tokens, stop, seed, batch_size, progress)
     records = []
     for prompt, samples in zip(prompts, outputs):
         for sample_id, s in enumerate(samples):
             records.append({**prompt, "sample_id": sample_id, **s, "round": round_index, "generator": generator or policy})
     del model
-    _ = started
     return records

@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from ..logprobs import sequence_logps
 from ..losses import LOSSES, mismatched_indices
-from ..models import encode_prompt, encode_response, load_causal_lm, load_tokenizer
+from ..models import encode_prompt, encode_response, inference_device, load_causal_lm, load_tokenizer
 from ..records import write_json
 from .feedback import pairs_to_binary
 
@@ -110,7 +110,7 @@ def compute_reference_logps(examples: list[Example], reference_path: str, dtype:
 
     Under bf16 mixed precision the reference runs under the same autocast as the policy, so that before
     the first update the policy/reference log-ratio is exactly zero."""
-    model = load_causal_lm(reference_path, dtype, trust_remote_code).eval()
+    model = load_causal_lm(reference_path, dtype, trust_remote_code).to(inference_device()).eval()
     device = next(model.parameters()).device
     with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16_autocast):
         for start in tqdm(range(0, len(examples), batch_size), desc="reference log-probs", disable=not progress):

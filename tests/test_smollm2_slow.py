@@ -1,0 +1,33 @@
+"""End to end on the real embedded default model, SmolLM2-135M-Instruct (slow: minutes on a CPU)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from alignloop.records import read_records
+
+pytestmark = pytest.mark.slow
+
+
+def test_short_loop_on_smollm2_through_the_cli(tmp_path):
+    """Two small rounds of the embedded default (same prompts, verifier, DPO), through `alignloop run`."""
+    run_dir = tmp_path / "run"
+    sets = ["prompts_per_round=8", "total_prompts=16", "samples_per_prompt=4", "heldout.limit=16",
+            "sampler.max_new_tokens=48", f"run_dir={run_dir}"]
+    cmd = [sys.executable, "-m", "alignloop", "--no-progress", "run", *[a for s in sets for a in ("--set", s)]]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "held-out reward, last round minus SFT" in result.stdout
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["status"] == "complete" and manifest["summary"]["rounds"] == 2
+    samples = read_records(run_dir / "rounds/r001/samples.jsonl")
+    assert len(samples) == 32 and all(s["generator"] == "rounds/r000/checkpoint" for s in samples)
+    # a real instruct model answers in words, and the verifier scores them
+    scored = read_records(run_dir / "rounds/r000/scored.jsonl")
+    assert sum(len(s["output"].split()) >= 3 for s in scored) >= 24
+    assert 0.0 < sum(s["reward"] for s in scored) / len(scored) < 1.0
+    assert manifest["rounds"]["1"]["train"]["summary"]["global_step"] > manifest["rounds"]["0"]["train"]["summary"]["global_step"]
+    assert (run_dir / "rounds/r001/checkpoint/model.safetensors").exists()
+    assert not (run_dir / "rounds/r000/checkpoint").exists()
