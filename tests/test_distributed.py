@@ -21,7 +21,7 @@ PAIRS = [
 def train_cmd(launcher, feedback, out, policy, accumulation):
     return [*launcher, "-m", "alignloop", "--no-progress", "train", str(feedback), "--out", str(out), "--policy", policy,
             "--batch-size", "2", "--gradient-accumulation-steps", str(accumulation), "--lr", "1e-3",
-            "--warmup-steps", "0", "--mixed-precision", "no"]
+            "--warmup-steps", "0", "--epochs", "1", "--mixed-precision", "no"]
 
 
 @pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun is not on PATH")

@@ -1,6 +1,7 @@
 """The training stage on a tiny random Llama with the real SmolLM2 tokenizer."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -120,3 +121,31 @@ def test_kto_round_runs_and_logs_kl(tiny_model, tmp_path):
                           config=_config(loss="kto"), progress=False, log=log.append)
     assert summary["examples"] == 8 and summary["steps"] == 4
     assert log[0]["kl"] == pytest.approx(0.0, abs=1e-5)  # policy equals reference at the first step
+
+
+@pytest.mark.parametrize("loss", ["dpo", "ipo", "simpo", "slic", "orpo", "kto", "sft"])
+def test_every_feedback_loss_trains_a_round(loss, tiny_model, tmp_path):
+    """Each loss the config accepts runs a round; losses without a reference skip reference log-probs."""
+    log = []
+    summary = train_round(pairs(4), policy=tiny_model, reference=str(tmp_path / "no-reference-needed") if loss in ("simpo", "orpo", "sft") else tiny_model,
+                          out_dir=tmp_path / loss, resume=None, config=_config(loss=loss), progress=False, log=log.append)
+    assert summary["steps"] == len(log) >= 2
+    assert all(math.isfinite(row["loss"]) and math.isfinite(row["grad_norm"]) for row in log)
+    assert (tmp_path / loss / "model.safetensors").exists()
+
+
+def test_grpo_trains_on_scored_groups(tiny_model, tmp_path):
+    """GRPO takes scored samples; a group whose rewards are all equal carries no signal and is left out."""
+    scored = [{"prompt_id": "a", "sample_id": i, "prompt": PROMPT, "output": o, "reward": r}
+              for i, (o, r) in enumerate([("hi", 1.0), ("HI", 0.0), ("hey", 0.5)])]
+    scored += [{"prompt_id": "b", "sample_id": i, "prompt": PROMPT, "output": o, "reward": 0.5} for i, o in enumerate(["x", "y"])]
+    scored.append({"prompt_id": "b", "sample_id": 2, "prompt": PROMPT, "output": "z", "reward": None, "label_error": "x"})
+    examples = build_examples(scored, "grpo", load_tokenizer(tiny_model), 512, 0)
+    assert [round(e.advantage, 4) for e in examples] == [round(0.5 / (0.5 + 1e-4), 4), round(-0.5 / (0.5 + 1e-4), 4)]
+    log = []
+    summary = train_round(scored, policy=tiny_model, reference=tiny_model, out_dir=tmp_path / "g", resume=None,
+                          config=_config(loss="grpo"), progress=False, log=log.append)
+    assert summary["examples"] == 2 and summary["steps"] == 1
+    assert log[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # the policy is the reference before the update
+    with pytest.raises(TrainingError, match="scored samples"):
+        build_examples(pairs(2), "grpo", load_tokenizer(tiny_model), 512, 0)

@@ -66,7 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
 
     p = verbs.add_parser("train", help="train a policy on one round of feedback")
-    p.add_argument("feedback", help="feedback file (contract format, HALOs JSON, or TRL prompt/chosen/rejected)")
+    p.add_argument("feedback", help="feedback file (contract format, HALOs JSON, or TRL prompt/chosen/rejected); "
+                   "scored samples for --loss grpo")
     p.add_argument("--out", required=True, help="checkpoint folder to write")
     p.add_argument("--policy", default="smollm2-135m-instruct", help="policy weights to start from")
     p.add_argument("--reference", help="reference model (default: the policy)")
@@ -172,7 +173,11 @@ def _dispatch(args) -> int:
             keys, value = parse_override(item)
             params[".".join(keys)] = value
         LossConfig(name=args.loss, **params)  # validates the loss name and its parameters
-        feedback = read_feedback(args.feedback)
+        from .losses import LOSSES
+        from .stages.feedback import read_scored
+
+        # GRPO learns from scored groups of samples; the other losses from feedback records
+        feedback = read_scored(args.feedback) if LOSSES[args.loss].feedback == "scored_groups" else read_feedback(args.feedback)
         if not feedback:
             raise NothingToDo(f"{args.feedback} holds no feedback")
         config = TrainConfig(

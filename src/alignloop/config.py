@@ -76,8 +76,8 @@ class LossConfig(BaseModel):
 
     @model_validator(mode="after")
     def _known_loss_and_params(self):
-        if self.name not in LOSSES or self.name in ("bradley_terry", "grpo"):
-            usable = sorted(n for n in LOSSES if n not in ("bradley_terry", "grpo"))
+        if self.name not in LOSSES or self.name == "bradley_terry":  # that one trains reward models
+            usable = sorted(n for n in LOSSES if n != "bradley_terry")
             raise ValueError(f"unknown loss '{self.name}'; choose one of {', '.join(usable)}")
         defaults = LOSSES[self.name].defaults
         for key, value in (self.model_extra or {}).items():
@@ -135,6 +135,8 @@ class Config(Strict):
             raise ValueError(f"loss '{self.loss.name}' needs pairwise feedback; set feedback.type: pairwise")
         if self.feedback.type == "pairwise" and self.samples_per_prompt < 2:
             raise ValueError("pairwise feedback needs samples_per_prompt >= 2")
+        if need == "scored_groups" and self.samples_per_prompt < 2:
+            raise ValueError(f"loss '{self.loss.name}' compares each prompt's samples; set samples_per_prompt >= 2")
         return self
 
     @property

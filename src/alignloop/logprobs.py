@@ -38,3 +38,15 @@ def sequence_logps(model, prompts: list[list[int]], responses: list[list[int]], 
     """Summed response log-probs [B] and response lengths [B]."""
     logps, mask = token_logps(model, *pad_sequences(prompts, responses, pad_id))
     return logps.sum(-1), mask.sum(-1)
+
+
+def response_token_logps(model, prompts: list[list[int]], responses: list[list[int]], pad_id: int):
+    """Log-probs of each response token, left-aligned: [B, L] with L the longest response, and its mask."""
+    logps, mask = token_logps(model, *pad_sequences(prompts, responses, pad_id))
+    width = max(len(r) for r in responses)
+    out = logps.new_zeros((len(responses), width))
+    out_mask = torch.zeros((len(responses), width), dtype=torch.bool, device=logps.device)
+    for row, r in enumerate(responses):
+        out[row, : len(r)] = logps[row][mask[row]]
+        out_mask[row, : len(r)] = True
+    return out, out_mask

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from .config import Config, ConfigError, dump_config
+from .losses import LOSSES
 from .evaluate import evaluate_policy, mean_reward, paired_difference
 from .models import resolve_model_path, weights_sha256
 from .prompts.sources import load_prompts
@@ -177,20 +178,22 @@ def run_loop(config: Config, progress: bool = True, echo=print) -> dict:
             })
         timings["feedback"] = entry["seconds"]
 
-        # 4. train (a round without feedback keeps the policy it had)
+        # 4. train (a round without feedback keeps the policy it had); GRPO trains on the scored groups
         checkpoint = rdir / "checkpoint"
-        if entry["count"] == 0:
+        on_groups = LOSSES[config.loss.name].feedback == "scored_groups"
+        train_input = scored_path if on_groups else feedback_path
+        if (entry["count"] == 0 and not on_groups) or (on_groups and not has_group_signal(read_records(scored_path))):
             entry = run.stage(r, "train") or run.mark_done(r, "train", rdir, {"skipped": "no feedback", "seconds": 0.0, "policy_out": policy})
         elif not ((entry := run.stage(r, "train")) and entry.get("status") == "done"
                   and (entry.get("cleaned") or is_checkpoint(checkpoint))):
             t = time.time()
             summary = train_round(
-                read_records(feedback_path), policy=policy, reference=reference, out_dir=checkpoint, resume=resume,
+                read_records(train_input), policy=policy, reference=reference, out_dir=checkpoint, resume=resume,
                 config=_train_config(config), round_index=r, trust_remote_code=config.trust_remote_code,
                 progress=progress, log=lambda row: run.log({"event": "train_step", **row}),
             )
             entry = run.mark_done(r, "train", checkpoint, {
-                "input_sha256": file_sha256(feedback_path), "policy_in": policy, "resumed_from": str(resume) if resume else None,
+                "input_sha256": file_sha256(train_input), "policy_in": policy, "resumed_from": str(resume) if resume else None,
                 "policy_out": str(checkpoint), "weights_sha256": weights_sha256(str(checkpoint)),
                 "summary": summary, "seconds": time.time() - t,
             })
@@ -219,6 +222,15 @@ def run_loop(config: Config, progress: bool = True, echo=print) -> dict:
     run.manifest["status"] = "complete"
     run.save()
     return run.manifest
+
+
+def has_group_signal(scored: list[dict]) -> bool:
+    """Whether some prompt's samples differ in reward (otherwise every group-relative advantage is 0)."""
+    groups: dict[str, set] = {}
+    for r in scored:
+        if r.get("reward") is not None:
+            groups.setdefault(r["prompt_id"], set()).add(r["reward"])
+    return any(len(rewards) > 1 for rewards in groups.values())
 
 
 def _train_config(config: Config) -> TrainConfig:

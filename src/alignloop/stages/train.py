@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from ..logprobs import sequence_logps
-from ..losses import LOSSES, mismatched_indices
+from ..logprobs import response_token_logps, sequence_logps
+from ..losses import LOSSES, group_advantages, mismatched_indices
 from ..models import encode_prompt, encode_response, inference_device, load_causal_lm, load_tokenizer
 from ..records import write_json
 from .feedback import pairs_to_binary
@@ -51,18 +51,19 @@ class Example:
     desirable: bool = True
     kl_response: list[int] | None = None
     reference: list[float] = field(default_factory=list)  # reference log-probs of responses (+ kl_response)
+    advantage: float = 0.0  # GRPO: the output's reward relative to its group
 
 
 def build_examples(feedback: list[dict], loss: str, tokenizer, max_length: int, seed: int) -> list[Example]:
     """Examples for the loss from the round's feedback; pairs are split for losses that take binary labels."""
     spec = LOSSES[loss]
-    kinds = {r["type"] for r in feedback}
+    if spec.feedback == "scored_groups":
+        return _group_examples(feedback, tokenizer, max_length)
+    kinds = {r.get("type") for r in feedback}
     if spec.feedback == "binary" and kinds == {"pairwise_feedback"}:
         feedback = pairs_to_binary(feedback)
     elif spec.feedback == "pairwise" and "binary_feedback" in kinds:
         raise TrainingError(f"loss '{loss}' needs pairwise feedback; got binary feedback (use feedback.type: pairwise)")
-    elif spec.feedback == "scored_groups":
-        raise TrainingError(f"loss '{loss}' trains on scored groups of samples, not on feedback records")
     examples = []
     for r in feedback:
         prompt = encode_prompt(tokenizer, r["prompt"])
@@ -92,6 +93,25 @@ def build_examples(feedback: list[dict], loss: str, tokenizer, max_length: int, 
     return examples
 
 
+def _group_examples(scored: list[dict], tokenizer, max_length: int) -> list[Example]:
+    """GRPO trains on scored samples: each output with its advantage within its prompt's group. Groups whose
+    outputs all score the same carry no signal and are left out."""
+    if scored and "reward" not in scored[0]:
+        raise TrainingError("loss 'grpo' trains on scored samples (scored.jsonl), not on feedback records")
+    scored = [r for r in scored if r.get("reward") is not None]
+    if not scored:
+        return []
+    ids = {pid: i for i, pid in enumerate(dict.fromkeys(r["prompt_id"] for r in scored))}
+    advantages = group_advantages(torch.tensor([float(r["reward"]) for r in scored], dtype=torch.float64),
+                                  torch.tensor([ids[r["prompt_id"]] for r in scored]))
+    examples = []
+    for r, a in zip(scored, advantages.tolist()):
+        if a != 0.0:
+            prompt = encode_prompt(tokenizer, r["prompt"])
+            examples.append(Example(prompt[-max_length // 2 :], [encode_response(tokenizer, r["output"])[: max_length // 2]], advantage=a))
+    return examples
+
+
 def _sequences(examples: list[Example], with_kl: bool):
     """All (prompt, response) sequences of a batch, grouped by response slot: slot 0 of every example,
     then slot 1, ...; then the KL sequences."""
@@ -105,7 +125,8 @@ def _sequences(examples: list[Example], with_kl: bool):
 
 
 def compute_reference_logps(examples: list[Example], reference_path: str, dtype: str, batch_size: int,
-                            pad_id: int, trust_remote_code: bool, progress: bool, bf16_autocast: bool = False) -> None:
+                            pad_id: int, trust_remote_code: bool, progress: bool, bf16_autocast: bool = False,
+                            per_token: bool = False) -> None:
     """Fill `Example.reference` with the frozen reference's summed log-probs, then free the model.
 
     Under bf16 mixed precision the reference runs under the same autocast as the policy, so that before
@@ -116,6 +137,11 @@ def compute_reference_logps(examples: list[Example], reference_path: str, dtype:
         for start in tqdm(range(0, len(examples), batch_size), desc="reference log-probs", disable=not progress):
             batch = examples[start : start + batch_size]
             prompts, responses = _sequences(batch, with_kl=batch[0].kl_response is not None)
+            if per_token:  # GRPO's KL penalty is per token
+                logps, mask = response_token_logps(model, prompts, responses, pad_id)
+                for e, row, m in zip(batch, logps, mask):
+                    e.reference = row[m].tolist()
+                continue
             logps, _ = sequence_logps(model, prompts, responses, pad_id)
             per_example = logps.view(-1, len(batch)).t()
             for e, row in zip(batch, per_example):
@@ -127,7 +153,8 @@ def compute_reference_logps(examples: list[Example], reference_path: str, dtype:
 def loss_on_batch(loss: str, params: dict, model, batch: list[Example], pad_id: int, kl_override=None):
     """Per-example losses [B] and detached metrics for one micro-batch."""
     spec = LOSSES[loss]
-    with_kl = loss == "kto"
+    if spec.logps == "token":
+        return _grpo_on_batch(spec, params, model, batch, pad_id)
     slots = len(batch[0].responses)
     prompts, responses = _sequences(batch, with_kl=False)
     logps, lengths = sequence_logps(model, prompts, responses, pad_id)
@@ -166,6 +193,19 @@ def loss_on_batch(loss: str, params: dict, model, batch: list[Example], pad_id: 
     if not torch.isfinite(losses).all():
         raise TrainingError(f"loss '{loss}' is not finite (NaN or inf) on this batch; lower the learning rate or check the data")
     return losses, {k: float(v) for k, v in metrics.items()}
+
+
+def _grpo_on_batch(spec, params: dict, model, batch: list[Example], pad_id: int):
+    """GRPO on one micro-batch: one update per batch of fresh samples, so the old policy is the current one."""
+    logps, mask = response_token_logps(model, [e.prompt for e in batch], [e.responses[0] for e in batch], pad_id)
+    reference = torch.zeros_like(logps)
+    for row, e in enumerate(batch):
+        reference[row, : len(e.reference)] = torch.tensor(e.reference, dtype=logps.dtype)
+    advantages = torch.tensor([e.advantage for e in batch], dtype=logps.dtype, device=logps.device)
+    losses, kl, clipped = spec.fn(logps, mask, advantages, reference_logps=reference, **params)
+    if not torch.isfinite(losses).all():
+        raise TrainingError("loss 'grpo' is not finite (NaN or inf) on this batch; lower the learning rate or check the data")
+    return losses, {"kl": float(kl.mean()), "clip_fraction": float(clipped.mean()), "advantage": float(advantages.mean())}
 
 
 # ---- optimizer, scheduler and trainer state on disk (safetensors + JSON, nothing pickled) ----
@@ -232,7 +272,8 @@ def train_round(feedback: list[dict], *, policy: str, reference: str, out_dir: s
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
-    accelerator = Accelerator(gradient_accumulation_steps=config.gradient_accumulation_steps,
+    # cpu=True on a machine without a GPU: Accelerate then sets up gloo data parallelism under torchrun
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), gradient_accumulation_steps=config.gradient_accumulation_steps,
                               mixed_precision=config.mixed_precision)
     set_seed(config.seed + round_index)
     spec = LOSSES[config.loss]
@@ -245,7 +286,8 @@ def train_round(feedback: list[dict], *, policy: str, reference: str, out_dir: s
     show = progress and accelerator.is_main_process
     if spec.needs_reference:
         compute_reference_logps(examples, reference, config.reference_dtype, config.batch_size, pad_id,
-                                trust_remote_code, show, bf16_autocast=config.mixed_precision == "bf16")
+                                trust_remote_code, show, bf16_autocast=config.mixed_precision == "bf16",
+                                per_token=spec.logps == "token")
 
     model = load_causal_lm(policy, config.dtype, trust_remote_code)
     model.train()
