@@ -43,7 +43,7 @@ class SamplerConfig(Strict):
     dtype: Literal["bfloat16", "float32", "float16"] = "bfloat16"
     temperature: float = Field(default=1.0, ge=0)
     top_p: float = Field(default=1.0, gt=0, le=1)
-    max_new_tokens: int = Field(default=80, gt=0)
+    max_new_tokens: int = Field(default=64, gt=0)
     stop: list[str] = []
     batch_size: int = Field(default=32, gt=0)  # sequences per generate call
 
@@ -85,6 +85,8 @@ class LossConfig(BaseModel):
                 raise ValueError(f"loss '{self.name}' has no parameter '{key}' (it takes: {', '.join(defaults) or 'none'})")
             if isinstance(value, bool) or not isinstance(value, (int, float)) and not (value is None and defaults[key] is None):
                 raise ValueError(f"loss parameter '{key}' must be a number, got {value!r}")
+        for key, value in defaults.items():  # the resolved config shows every hyperparameter in effect
+            self.__pydantic_extra__.setdefault(key, value)
         return self
 
     @property
@@ -93,7 +95,7 @@ class LossConfig(BaseModel):
 
 
 class OptimConfig(Strict):
-    lr: float = Field(default=3e-5, gt=0)
+    lr: float = Field(default=5e-5, gt=0)
     weight_decay: float = Field(default=0.0, ge=0)
     warmup_steps: int = Field(default=2, ge=0)
     batch_size: int = Field(default=8, gt=0)  # examples per micro-batch (a pair is one example)
@@ -118,8 +120,8 @@ class Config(Strict):
     trust_remote_code: bool = False
     prompts: PromptSource = PromptSource()
     heldout: PromptSource | None = PromptSource(split="heldout")
-    prompts_per_round: int = Field(default=64, gt=0)
-    total_prompts: int = Field(default=192, gt=0)
+    prompts_per_round: int = Field(default=48, gt=0)
+    total_prompts: int = Field(default=144, gt=0)
     samples_per_prompt: int = Field(default=4, gt=0)
     sampler: SamplerConfig = SamplerConfig()
     labeler: LabelerConfig = LabelerConfig()
