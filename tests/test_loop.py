@@ -101,3 +101,19 @@ def test_kill_9_mid_round_then_rerun_gives_the_same_records(tiny_model, tmp_path
     a, b = stage_hashes(killed), stage_hashes(clean)
     assert a == b
     assert not list(killed.glob("**/*.tmp")) and not list(killed.glob("**/.*.tmp"))
+
+
+def test_loop_with_kto_on_binary_feedback_and_grpo_on_scored_groups(tiny_model, tmp_path):
+    """The loss picked in the config runs in the loop with the feedback it takes."""
+    kto = load_config(None, tiny_run_overrides(tmp_path / "kto", tiny_model)
+                      + ["loss.name=kto", "feedback.type=binary", "feedback.threshold=median", "total_prompts=6"])
+    manifest = run_loop(kto, progress=False)
+    feedback = read_records(tmp_path / "kto/rounds/r000/feedback.jsonl")
+    assert {f["type"] for f in feedback} == {"binary_feedback"} and len(feedback) == 18
+    assert manifest["rounds"]["0"]["train"]["summary"]["examples"] == 18
+
+    grpo = load_config(None, tiny_run_overrides(tmp_path / "grpo", tiny_model) + ["loss.name=grpo", "total_prompts=6"])
+    manifest = run_loop(grpo, progress=False)
+    train = manifest["rounds"]["0"]["train"]
+    assert train["input_sha256"] == manifest["rounds"]["0"]["label"]["sha256"]  # trained on scored.jsonl
+    assert train["summary"]["steps"] >= 1
