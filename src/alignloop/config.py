@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer, model_validator
 
 from .losses import LOSSES
 
@@ -48,10 +48,74 @@ class SamplerConfig(Strict):
     batch_size: int = Field(default=32, gt=0)  # sequences per generate call
 
 
+JUDGE_FIELDS = ("base_url", "model", "api_key_env", "system_prompt", "user_template", "temperature",
+                "max_concurrency", "timeout", "max_retries", "price_in_per_million", "price_out_per_million",
+                "pairwise")
+
+
 class LabelerConfig(Strict):
-    kind: Literal["callable"] = "callable"
+    """`callable`: a Python reward function. `judge`: an LLM judge behind any OpenAI-compatible
+    chat-completions API (see `alignloop.rewards.judge`); the API key is read from the environment variable
+    named by `api_key_env`, so it never lands in the config, records or manifest."""
+
+    kind: Literal["callable", "judge"] = "callable"
     function: str = "alignloop.rewards.ifeval:ifeval_reward"
     batch_size: int = Field(default=64, gt=0)
+    # judge only
+    base_url: str | None = None  # e.g. https://api.openai.com/v1, http://localhost:8000/v1
+    model: str | None = None
+    api_key_env: str | None = None  # the NAME of the variable holding the key; null: no key (local servers)
+    system_prompt: str | None = None  # the rubric; default: a 1-10 rubric ending in 'Final Score: X'
+    user_template: str | None = None  # with {prompt} and {output} ({output_a}, {output_b} when pairwise)
+    temperature: float = Field(default=0.0, ge=0)
+    max_concurrency: int = Field(default=8, gt=0)
+    timeout: float = Field(default=60.0, gt=0)  # seconds per request
+    max_retries: int = Field(default=4, ge=0)
+    price_in_per_million: float | None = Field(default=None, ge=0)  # USD per million prompt tokens
+    price_out_per_million: float | None = Field(default=None, ge=0)
+    pairwise: bool = False  # rank each prompt's samples by pairwise wins instead of scoring each alone
+
+    @model_validator(mode="before")
+    @classmethod
+    def _judge_prompts_in_effect(cls, data):
+        """A judge's resolved config shows the rubric and template in effect, so the saved config.yaml says
+        exactly what the judge was asked (and a changed built-in rubric cannot slip into a resumed run)."""
+        if isinstance(data, dict) and data.get("kind") == "judge":
+            from .rewards.judge import default_prompts
+
+            system_prompt, user_template = default_prompts(bool(data.get("pairwise")))
+            data = {**data}
+            if data.get("system_prompt") is None:
+                data["system_prompt"] = system_prompt
+            if data.get("user_template") is None:
+                data["user_template"] = user_template
+        return data
+
+    @model_validator(mode="after")
+    def _judge_fits(self):
+        if self.kind != "judge":
+            return self
+        for key in ("base_url", "model"):
+            if not getattr(self, key):
+                raise ValueError(f"kind 'judge' needs '{key}'")
+        if not self.base_url.startswith(("http://", "https://")):
+            raise ValueError(f"base_url '{self.base_url}' must start with http:// or https://")
+        if self.user_template is not None:
+            needed = ("{prompt}", "{output_a}", "{output_b}") if self.pairwise else ("{prompt}", "{output}")
+            missing = [p for p in needed if p not in self.user_template]
+            if missing:
+                raise ValueError(f"user_template lacks {', '.join(missing)}")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _hide_unused_judge_fields(self, handler):
+        """A callable labeler's saved config stays as it was before the judge existed, so run directories
+        made then still resume (the saved config must match the resolved one)."""
+        data = handler(self)
+        if self.kind == "callable" and all(getattr(self, k) == LabelerConfig.model_fields[k].default for k in JUDGE_FIELDS):
+            for key in JUDGE_FIELDS:
+                data.pop(key, None)
+        return data
 
 
 class FeedbackConfig(Strict):
@@ -139,6 +203,13 @@ class Config(Strict):
             raise ValueError("pairwise feedback needs samples_per_prompt >= 2")
         if need == "scored_groups" and self.samples_per_prompt < 2:
             raise ValueError(f"loss '{self.loss.name}' compares each prompt's samples; set samples_per_prompt >= 2")
+        if self.labeler.kind == "judge" and self.labeler.pairwise:
+            if self.samples_per_prompt < 2 or self.heldout is not None:  # held-out answers are one per prompt
+                raise ValueError("labeler.pairwise ranks each prompt's samples against each other; it needs "
+                                 "samples_per_prompt >= 2 and heldout: null")
+            if self.labeler.batch_size % self.samples_per_prompt:
+                raise ValueError("labeler.pairwise: labeler.batch_size must be a multiple of samples_per_prompt "
+                                 "so that a prompt's samples are judged together")
         return self
 
     @property

@@ -99,7 +99,7 @@ def run_loop(config: Config, progress: bool = True, echo=print) -> dict:
     if "sft" not in run.manifest:  # the reference is recorded by path and hash, and never deleted
         run.manifest["sft"] = {"policy": policy0, "reference": reference, "reference_sha256": weights_sha256(reference)}
         run.save()
-    labeler = make_labeler(config.labeler)
+    labeler = make_labeler(config.labeler, run.dir)
     prompts = load_prompts(config.prompts)
     random.Random(config.seed).shuffle(prompts)
     prompts = prompts[: config.total_prompts]
@@ -152,12 +152,14 @@ def run_loop(config: Config, progress: bool = True, echo=print) -> dict:
         scored_path = rdir / "scored.jsonl"
         if not (entry := run.done(r, "label", scored_path)):
             t = time.time()
+            if hasattr(labeler, "reset_stats"):  # a judge counts parses, failures, tokens and cost per stage
+                labeler.reset_stats()
             scored, counts = label_records(read_records(samples_path), labeler, config.labeler.batch_size,
                                            progress and f"label r{r:03d}" or None)
             write_records(scored_path, scored)
             entry = run.mark_done(r, "label", scored_path, {
-                "input_sha256": file_sha256(samples_path), "labeler": labeler.name, **counts,
-                "reward": mean_reward(scored), "seconds": time.time() - t,
+                "input_sha256": file_sha256(samples_path), "labeler": labeler.name, **getattr(labeler, "stats", {}),
+                **counts, "reward": mean_reward(scored), "seconds": time.time() - t,
             })
         timings["label"] = entry["seconds"]
 

@@ -6,7 +6,8 @@ for one item: it returns `Score(reward=None, error="...")` for it and the sample
 never given a made-up number.
 
 The simplest labeler wraps a plain Python function `module:function(prompt_record, output) -> float`
-(`CallableLabeler`); the embedded default's verifier `alignloop.rewards.ifeval:ifeval_reward` is one.
+(`CallableLabeler`); the embedded default's verifier `alignloop.rewards.ifeval:ifeval_reward` is one. An LLM
+judge behind an OpenAI-compatible API is `alignloop.rewards.judge.JudgeLabeler`.
 """
 
 from __future__ import annotations
@@ -69,8 +70,15 @@ class CallableLabeler:
         return scores
 
 
-def make_labeler(config) -> Labeler:
-    """The labeler a `LabelerConfig` names."""
+def make_labeler(config, run_dir=None) -> Labeler:
+    """The labeler a `LabelerConfig` names. A judge keeps its answers in `run_dir/judge_cache.jsonl` (when a
+    run directory is given) so that a resumed or repeated run does not pay for them twice."""
     if config.kind == "callable":
         return CallableLabeler(config.function)
+    if config.kind == "judge":
+        from pathlib import Path
+
+        from .judge import JudgeLabeler
+
+        return JudgeLabeler.from_config(config, cache_path=Path(run_dir) / "judge_cache.jsonl" if run_dir else None)
     raise ValueError(f"labeler.kind '{config.kind}' is not available")
