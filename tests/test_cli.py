@@ -15,7 +15,7 @@ def alignloop(*args, cwd=None):
                           capture_output=True, text=True, cwd=cwd)
 
 
-@pytest.mark.parametrize("verb", ["run", "sample", "label", "feedback", "train"])
+@pytest.mark.parametrize("verb", ["run", "sample", "label", "feedback", "train", "train-rm"])
 def test_help_for_every_verb(verb):
     result = alignloop(verb, "--help")
     assert result.returncode == 0 and "usage: alignloop" in result.stdout and "--" in result.stdout

@@ -31,6 +31,16 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=d.dtype, choices=["bfloat16", "float32", "float16"])
 
 
+def _at_least(low: int):
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}")
+        return value
+
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="alignloop", description="Online iterative alignment: sample, label, feedback, train, repeat.")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -52,10 +62,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trust-remote-code", action="store_true")
     _add_sampling_args(p)
 
-    p = verbs.add_parser("label", help="score samples with a reward function", description="Add a reward to every sample.")
+    p = verbs.add_parser("label", help="score samples with a reward function or a reward model", description=(
+        "Add a reward to every sample, from a Python function (--function) or a sequence-classification reward "
+        "model (--reward-model). With a reward model, `torchrun --nproc_per_node N -m alignloop label ...` (or "
+        "`accelerate launch`) scores one shard per process and the main process writes the merged file."))
     p.add_argument("samples", help="samples file")
     p.add_argument("--out", required=True, help="scored samples file to write")
-    p.add_argument("--function", default="alignloop.rewards.ifeval:ifeval_reward", help="reward function module:function")
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--function", default="alignloop.rewards.ifeval:ifeval_reward", help="reward function module:function")
+    source.add_argument("--reward-model", metavar="PATH", help="a reward-model folder (AutoModelForSequenceClassification)")
+    from .config import LabelerConfig
+
+    d = LabelerConfig()
+    p.add_argument("--head", default=d.head, choices=["auto", "single", "two_label"],
+                   help="reward model: auto (1 label: the logit; 2 labels: logits[:, 1]), single or two_label")
+    p.add_argument("--dtype", default=d.dtype, choices=["bfloat16", "float32"], help="reward model weights")
+    p.add_argument("--max-length", type=_at_least(9), default=d.max_length,
+                   help="reward model: tokens per conversation; longer ones lose prompt tokens on the left")
+    p.add_argument("--batch-size", type=_at_least(1), default=d.batch_size, help="reward model: sequences per forward pass")
+    p.add_argument("--trust-remote-code", action="store_true", help="reward model: run the model folder's own code")
 
     p = verbs.add_parser("feedback", help="turn scored samples into pairwise or binary feedback")
     p.add_argument("scored", help="scored samples file")
@@ -64,6 +89,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", default="max", choices=["random", "max", "min"], help="pairing (pairwise)")
     p.add_argument("--threshold", default="0", help="pairwise: minimum gap; binary: mean, median or a number")
     p.add_argument("--seed", type=int, default=0)
+
+    p = verbs.add_parser("train-rm", help="train a Bradley-Terry reward model on pairwise feedback", description=(
+        "Add a scalar head to a causal LM and train it on pairwise feedback (contract format, HALOs JSON or TRL "
+        "prompt/chosen/rejected; several files are joined). Reports pairwise accuracy on held-out prompts and writes "
+        "a sequence-classification folder that `labeler: reward_model` loads."))
+    p.add_argument("feedback", nargs="+", help="pairwise feedback file(s)")
+    p.add_argument("--out", required=True, help="reward-model folder to write")
+    p.add_argument("--base", default="smollm2-135m-instruct", help="causal-LM checkpoint to start from")
+    p.add_argument("--lr", type=float, default=1e-5)
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=8, help="pairs per step")
+    p.add_argument("--max-length", type=int, default=1024)
+    p.add_argument("--heldout-fraction", type=float, default=0.1, help="share of prompts held out for accuracy")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--trust-remote-code", action="store_true")
 
     p = verbs.add_parser("train", help="train a policy on one round of feedback")
     p.add_argument("feedback", help="feedback file (contract format, HALOs JSON, or TRL prompt/chosen/rejected); "
@@ -142,6 +182,9 @@ def _dispatch(args) -> int:
         print(f"wrote {len(records)} samples to {args.out}")
         return 0
 
+    if args.verb == "label" and args.reward_model:
+        return _label_with_reward_model(args, progress)
+
     if args.verb == "label":
         from .records import write_records
         from .rewards import CallableLabeler
@@ -161,6 +204,22 @@ def _dispatch(args) -> int:
 
         counts = feedback_stage(args.scored, args.out, args.type, args.mode, args.threshold, args.seed)
         print(f"wrote feedback to {args.out}: {counts}")
+        return 0
+
+    if args.verb == "train-rm":
+        from .stages.feedback import read_feedback
+        from .stages.train_rm import train_reward_model
+
+        pairs = [r for path in args.feedback for r in read_feedback(path) if r["type"] == "pairwise_feedback"]
+        if not pairs:
+            raise NothingToDo("no pairwise feedback in " + ", ".join(args.feedback))
+        metrics = train_reward_model(pairs, base=args.base, out_dir=args.out, lr=args.lr, epochs=args.epochs,
+                                     batch_size=args.batch_size, max_length=args.max_length,
+                                     heldout_fraction=args.heldout_fraction, seed=args.seed,
+                                     trust_remote_code=args.trust_remote_code, progress=progress)
+        low, high = metrics["heldout_accuracy_ci95"]
+        print(f"wrote reward model {args.out}: held-out pairwise accuracy {metrics['heldout_accuracy']:.3f} "
+              f"(95% CI {low:.3f} to {high:.3f}, {metrics['heldout_pairs']} pairs)")
         return 0
 
     if args.verb == "train":
@@ -192,6 +251,36 @@ def _dispatch(args) -> int:
         print(f"wrote checkpoint {args.out}: {summary}")
         return 0
     raise AssertionError(args.verb)
+
+
+def _label_with_reward_model(args, progress: bool) -> int:
+    """The label verb with a reward model, in one process or many (torchrun / accelerate launch): each
+    process scores a shard, all results are gathered in input order, and only the main process writes."""
+    import torch
+    from accelerate import PartialState
+
+    from .records import write_records
+    from .rewards.reward_model import RewardModelLabeler, label_in_processes
+    from .stages.label import BATCHES_PER_CHUNK, read_samples
+
+    samples = read_samples(args.samples)  # bad input fails before any model is loaded
+    if not samples:
+        raise NothingToDo(f"{args.samples} holds no samples")
+    state = PartialState(cpu=not torch.cuda.is_available())
+    try:
+        labeler = RewardModelLabeler(args.reward_model, head=args.head, dtype=args.dtype, max_length=args.max_length,
+                                     batch_size=args.batch_size, trust_remote_code=args.trust_remote_code,
+                                     device=state.device)
+        scored, counts = label_in_processes(samples, labeler, state, BATCHES_PER_CHUNK * args.batch_size,
+                                            progress="label" if progress else None)
+        if state.is_main_process:
+            write_records(args.out, scored)
+            print(f"wrote {len(scored)} scored samples to {args.out} ({counts['failed']} could not be scored)")
+        state.wait_for_everyone()
+    finally:
+        if state.use_distributed:
+            state.destroy_process_group()
+    return 0
 
 
 if __name__ == "__main__":

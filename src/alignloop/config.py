@@ -51,14 +51,16 @@ class SamplerConfig(Strict):
 JUDGE_FIELDS = ("base_url", "model", "api_key_env", "system_prompt", "user_template", "temperature",
                 "max_concurrency", "timeout", "max_retries", "price_in_per_million", "price_out_per_million",
                 "pairwise")
+REWARD_MODEL_FIELDS = ("path", "head", "dtype", "max_length", "trust_remote_code")
 
 
 class LabelerConfig(Strict):
     """`callable`: a Python reward function. `judge`: an LLM judge behind any OpenAI-compatible
     chat-completions API (see `alignloop.rewards.judge`); the API key is read from the environment variable
-    named by `api_key_env`, so it never lands in the config, records or manifest."""
+    named by `api_key_env`, so it never lands in the config, records or manifest. `reward_model`: a
+    sequence-classification reward model folder (see `alignloop.rewards.reward_model`)."""
 
-    kind: Literal["callable", "judge"] = "callable"
+    kind: Literal["callable", "judge", "reward_model"] = "callable"
     function: str = "alignloop.rewards.ifeval:ifeval_reward"
     batch_size: int = Field(default=64, gt=0)
     # judge only
@@ -74,6 +76,12 @@ class LabelerConfig(Strict):
     price_in_per_million: float | None = Field(default=None, ge=0)  # USD per million prompt tokens
     price_out_per_million: float | None = Field(default=None, ge=0)
     pairwise: bool = False  # rank each prompt's samples by pairwise wins instead of scoring each alone
+    # reward_model only (batch_size above is also its forward batch)
+    path: str | None = None  # an AutoModelForSequenceClassification folder
+    head: Literal["auto", "single", "two_label"] = "auto"  # auto: 1 label -> the logit, 2 -> logits[:, 1]
+    dtype: Literal["bfloat16", "float32"] = "bfloat16"
+    max_length: int = Field(default=1024, gt=8)  # tokens; longer conversations lose prompt tokens on the left
+    trust_remote_code: bool = False  # only for models that ship their own code (ArmoRM, say)
 
     @model_validator(mode="before")
     @classmethod
@@ -92,7 +100,9 @@ class LabelerConfig(Strict):
         return data
 
     @model_validator(mode="after")
-    def _judge_fits(self):
+    def _kind_fits(self):
+        if self.kind == "reward_model" and not self.path:
+            raise ValueError("kind 'reward_model' needs 'path'")
         if self.kind != "judge":
             return self
         for key in ("base_url", "model"):
@@ -108,13 +118,17 @@ class LabelerConfig(Strict):
         return self
 
     @model_serializer(mode="wrap")
-    def _hide_unused_judge_fields(self, handler):
-        """A callable labeler's saved config stays as it was before the judge existed, so run directories
-        made then still resume (the saved config must match the resolved one)."""
+    def _hide_unused_fields(self, handler):
+        """Another kind's fields, left at their defaults, are not saved: a callable labeler's saved config stays
+        as it was before the judge and reward models existed, and a judge's as before reward models, so run
+        directories made then still resume (the saved config must match the resolved one)."""
         data = handler(self)
-        if self.kind == "callable" and all(getattr(self, k) == LabelerConfig.model_fields[k].default for k in JUDGE_FIELDS):
-            for key in JUDGE_FIELDS:
-                data.pop(key, None)
+        unused = {"callable": (JUDGE_FIELDS, REWARD_MODEL_FIELDS), "judge": (REWARD_MODEL_FIELDS,),
+                  "reward_model": (JUDGE_FIELDS, ("function",))}[self.kind]
+        for group in unused:
+            if all(getattr(self, k) == LabelerConfig.model_fields[k].default for k in group):
+                for key in group:
+                    data.pop(key, None)
         return data
 
 

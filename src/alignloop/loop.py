@@ -17,14 +17,14 @@ import time
 from pathlib import Path
 
 from .config import Config, ConfigError, dump_config
-from .losses import LOSSES
 from .evaluate import evaluate_policy, mean_reward, paired_difference
+from .losses import LOSSES
 from .models import resolve_model_path, weights_sha256
 from .prompts.sources import load_prompts
 from .records import atomic_write_text, dumps, file_sha256, read_records, write_json, write_records
 from .rewards import make_labeler
 from .stages.feedback import binary_feedback, pairwise_feedback
-from .stages.label import label_records
+from .stages.label import BATCHES_PER_CHUNK, label_records
 from .stages.sample import sample_records
 from .stages.train import TrainConfig, is_checkpoint, train_round
 
@@ -154,7 +154,7 @@ def run_loop(config: Config, progress: bool = True, echo=print) -> dict:
             t = time.time()
             if hasattr(labeler, "reset_stats"):  # a judge counts parses, failures, tokens and cost per stage
                 labeler.reset_stats()
-            scored, counts = label_records(read_records(samples_path), labeler, config.labeler.batch_size,
+            scored, counts = label_records(read_records(samples_path), labeler, BATCHES_PER_CHUNK * config.labeler.batch_size,
                                            progress and f"label r{r:03d}" or None)
             write_records(scored_path, scored)
             entry = run.mark_done(r, "label", scored_path, {

@@ -4,7 +4,6 @@ sampler and the trainer share (so a prompt is the same tokens in both)."""
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 from pathlib import Path
@@ -145,7 +144,3 @@ def weights_sha256(path: str) -> str:
             for block in iter(lambda: fh.read(1 << 20), b""):
                 h.update(block)
     return h.hexdigest()
-
-
-def read_json(path: Path) -> dict:
-    return json.loads(Path(path).read_text())

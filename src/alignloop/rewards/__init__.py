@@ -7,7 +7,8 @@ never given a made-up number.
 
 The simplest labeler wraps a plain Python function `module:function(prompt_record, output) -> float`
 (`CallableLabeler`); the embedded default's verifier `alignloop.rewards.ifeval:ifeval_reward` is one. An LLM
-judge behind an OpenAI-compatible API is `alignloop.rewards.judge.JudgeLabeler`.
+judge behind an OpenAI-compatible API is `alignloop.rewards.judge.JudgeLabeler`; a trained
+sequence-classification reward model is `alignloop.rewards.reward_model.RewardModelLabeler`.
 """
 
 from __future__ import annotations
@@ -81,4 +82,8 @@ def make_labeler(config, run_dir=None) -> Labeler:
         from .judge import JudgeLabeler
 
         return JudgeLabeler.from_config(config, cache_path=Path(run_dir) / "judge_cache.jsonl" if run_dir else None)
+    if config.kind == "reward_model":
+        from .reward_model import RewardModelLabeler
+
+        return RewardModelLabeler.from_config(config)
     raise ValueError(f"labeler.kind '{config.kind}' is not available")

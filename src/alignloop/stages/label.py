@@ -22,8 +22,15 @@ def read_samples(path) -> list[dict]:
     return samples
 
 
-def label_records(samples: list[dict], labeler, batch_size: int = 64, progress: str | None = "label") -> tuple[list[dict], dict]:
-    """Scored sample records (in input order) and counts {scored, failed}."""
+# A labeler's `score` sees one chunk at a time: a reward model sorts a chunk by length and an API judge fans it
+# out, so a chunk is many forward batches; few enough that the progress bar still moves.
+BATCHES_PER_CHUNK = 16
+
+
+def label_records(samples: list[dict], labeler, batch_size: int = 64 * BATCHES_PER_CHUNK,
+                  progress: str | None = "label") -> tuple[list[dict], dict]:
+    """Scored sample records (in input order) and counts {scored, failed}; `batch_size` samples per
+    `labeler.score` call."""
     scored = []
     bar = tqdm(total=len(samples), desc=progress or "label", unit="sample", disable=not progress)
     for start in range(0, len(samples), batch_size):
