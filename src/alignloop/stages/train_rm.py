@@ -11,9 +11,9 @@ it is reported with a 95% Wilson interval. The result is a sequence-classificati
 from __future__ import annotations
 
 import math
+import os
 import random
 import shutil
-import os
 from pathlib import Path
 
 import torch
@@ -22,15 +22,7 @@ from tqdm import tqdm
 from ..losses import bradley_terry_loss
 from ..models import DTYPES, load_tokenizer, resolve_model_path
 from ..records import write_json
-
-
-def render_conversation(tokenizer, prompt: list[dict], output: str, max_length: int) -> tuple[list[int], bool]:
-    """Token ids of prompt + assistant answer in the tokenizer's own template, cut from the left if too long."""
-    ids = tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": output}], tokenize=True, return_dict=False)
-    if isinstance(ids, dict) or hasattr(ids, "input_ids"):
-        ids = ids["input_ids"]
-    ids = list(ids)
-    return (ids[-max_length:], True) if len(ids) > max_length else (ids, False)
+from ..rewards.reward_model import encode_for_rm
 
 
 def wilson_interval(correct: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
@@ -55,8 +47,9 @@ def _encode_pairs(pairs: list[dict], tokenizer, max_length: int) -> list[tuple[l
     encoded = []
     for p in pairs:
         chosen, rejected = (p["output_A"], p["output_B"]) if p["label"] == 1 else (p["output_B"], p["output_A"])
-        encoded.append((render_conversation(tokenizer, p["prompt"], chosen, max_length)[0],
-                        render_conversation(tokenizer, p["prompt"], rejected, max_length)[0]))
+        # the same encoding the reward-model labeler uses, so the model is trained on what it will score
+        encoded.append((encode_for_rm(tokenizer, p["prompt"], chosen, max_length)[0],
+                        encode_for_rm(tokenizer, p["prompt"], rejected, max_length)[0]))
     return encoded
 
 
