@@ -81,12 +81,18 @@ def train_reward_model(pairs: list[dict], *, base: str, out_dir: str | Path, lr:
                        dtype: str = "float32", trust_remote_code: bool = False, progress: bool = True) -> dict:
     """Train, evaluate on held-out prompts, write the folder atomically, and return the metrics."""
     from transformers import AutoModelForSequenceClassification
+    from transformers.utils import logging as hf_logging
 
     if not pairs:
         raise ValueError("no pairs to train a reward model on")
     tokenizer = load_tokenizer(base, trust_remote_code)
-    model = AutoModelForSequenceClassification.from_pretrained(
-        resolve_model_path(base), num_labels=1, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the new head's "newly initialized weights" warning is expected here
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            resolve_model_path(base), num_labels=1, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
+    finally:
+        hf_logging.set_verbosity(verbosity)
     model.config.pad_token_id = tokenizer.pad_token_id
     train, heldout = split_by_prompt(pairs, heldout_fraction, seed)
     train_enc, heldout_enc = _encode_pairs(train, tokenizer, max_length), _encode_pairs(heldout, tokenizer, max_length)
