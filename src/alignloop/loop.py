@@ -106,13 +106,8 @@ def run_loop(config: Config, progress: bool = True, echo=print) -> dict:
     heldout = load_prompts(config.heldout) if config.heldout else []
 
     if heldout:
-        out = run.dir / "eval" / "sft_heldout.jsonl"
-        if not run.done("sft", "eval", out):
-            t = time.time()
-            scored = evaluate_policy(policy0, heldout, labeler, config.sampler, -1, config.seed, config.trust_remote_code,
-                                     progress and "held-out (SFT)")
-            write_records(out, scored)
-            run.mark_done("sft", "eval", out, {"count": len(scored), "reward": mean_reward(scored), "seconds": time.time() - t})
+        eval_stage(run, "sft", -1, policy0, heldout, labeler, run.dir / "eval" / "sft_heldout.jsonl",
+                   progress and "held-out (SFT)")
 
     policy = policy0
     resume = None
@@ -205,15 +200,7 @@ def run_loop(config: Config, progress: bool = True, echo=print) -> dict:
 
         # 5. held-out eval of the policy this round produced
         if heldout:
-            eval_path = rdir / "heldout.jsonl"
-            if not (entry := run.done(r, "eval", eval_path)):
-                t = time.time()
-                scored = evaluate_policy(policy, heldout, labeler, config.sampler, r, config.seed,
-                                         config.trust_remote_code, progress and f"held-out r{r:03d}",
-                                         generator=run.policy_id(policy))
-                write_records(eval_path, scored)
-                entry = run.mark_done(r, "eval", eval_path, {"policy": policy, "count": len(scored),
-                                                             "reward": mean_reward(scored), "seconds": time.time() - t})
+            entry = eval_stage(run, r, r, policy, heldout, labeler, rdir / "heldout.jsonl", progress and f"held-out r{r:03d}")
             timings["eval"] = entry["seconds"]
 
         write_json(rdir / "metrics.json", round_metrics(run, r, timings))
@@ -224,6 +211,20 @@ def run_loop(config: Config, progress: bool = True, echo=print) -> dict:
     run.manifest["status"] = "complete"
     run.save()
     return run.manifest
+
+
+def eval_stage(run: Run, key: int | str, round_index: int, policy: str, heldout: list[dict], labeler, out: Path,
+               progress) -> dict:
+    """Held-out eval of one policy (the SFT model, or a round's checkpoint), done once and recorded."""
+    if entry := run.done(key, "eval", out):
+        return entry
+    t = time.time()
+    config = run.config
+    scored = evaluate_policy(policy, heldout, labeler, config.sampler, round_index, config.seed,
+                             config.trust_remote_code, progress, generator=run.policy_id(policy))
+    write_records(out, scored)
+    return run.mark_done(key, "eval", out, {"policy": policy, "count": len(scored), "reward": mean_reward(scored),
+                                            "seconds": time.time() - t})
 
 
 def has_group_signal(scored: list[dict]) -> bool:
