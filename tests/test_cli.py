@@ -43,7 +43,7 @@ def test_stages_chain_on_contract_files(tiny_model, tmp_path):
 
     r = alignloop("train", feedback, "--out", ckpt, "--policy", tiny_model, "--batch-size", 2, "--mixed-precision", "no")
     assert r.returncode == 0, r.stderr
-    assert (ckpt / "model.safetensors").exists() and (ckpt / "optimizer.safetensors").exists()
+    assert (ckpt / "model.safetensors").exists() and (ckpt / "training_state" / "optimizer.safetensors").exists()
 
 
 def test_label_failures_are_null_never_zero(tmp_path):

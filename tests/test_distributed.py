@@ -37,8 +37,8 @@ def test_two_processes_equal_one_process_with_gradient_accumulation(tiny_model, 
     r1 = subprocess.run(train_cmd([sys.executable], feedback, one, tiny_model, 2), capture_output=True, text=True, timeout=600)
     assert r1.returncode == 0, r1.stderr[-3000:]
 
-    state2 = json.loads((two / "trainer_state.json").read_text())
-    state1 = json.loads((one / "trainer_state.json").read_text())
+    state2 = json.loads((two / "training_state" / "trainer_state.json").read_text())
+    state1 = json.loads((one / "training_state" / "trainer_state.json").read_text())
     assert state2["global_step"] == state1["global_step"] == 2
     w2, w1, w0 = (load_file(str(p / "model.safetensors")) for p in (two, one, Path(tiny_model)))
     assert w2.keys() == w1.keys()

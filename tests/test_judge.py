@@ -44,7 +44,8 @@ class FakeJudge:
                 user = body["messages"][-1]["content"]
                 with judge.lock:
                     judge.requests.append({"time": time.monotonic(), "auth": self.headers.get("Authorization"),
-                                           "user": user, "path": self.path, "model": body["model"]})
+                                           "user": user, "path": self.path, "model": body["model"],
+                                           "max_tokens": body.get("max_tokens")})
                     judge.seen[user] = n = judge.seen.get(user, 0) + 1
                 if self.path != "/v1/chat/completions":
                     return self.send_json(404, {"error": "no such route"})
@@ -212,6 +213,16 @@ def test_identical_calls_in_one_batch_are_requested_once(server, monkeypatch):
     item = (sample(0, "same score=4"), "same score=4")
     assert [s.reward for s in labeler.score([item, item, item])] == [4.0, 4.0, 4.0]
     assert len(server.requests) == 1 and labeler.stats["cached"] == 2 and labeler.stats["parsed"] == 3
+
+
+def test_answer_length_cap_is_sent_and_keys_the_cache(server, tmp_path, monkeypatch):
+    from alignloop.rewards.judge import cache_key
+
+    item = (sample(0, "capped score=6"), "capped score=6")
+    assert make(server, tmp_path, monkeypatch).score([item])[0].reward == 6.0
+    assert make(server, tmp_path, monkeypatch, max_tokens=32).score([item])[0].reward == 6.0
+    assert [r["max_tokens"] for r in server.requests] == [None, 32]  # the capped call was not served from the cache
+    assert cache_key("m", "s", "u", 0.0) == cache_key("m", "s", "u", 0.0, None) != cache_key("m", "s", "u", 0.0, 32)
 
 
 def test_missing_key_variable_fails_before_any_call(server, monkeypatch):

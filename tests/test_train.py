@@ -73,17 +73,17 @@ def test_round_two_resumes_adam_moments_and_scheduler(tiny_model, tmp_path):
     """The second round starts from the first round's Adam moments and scheduler position, not fresh ones."""
     r0, r1, fresh = tmp_path / "r0", tmp_path / "r1", tmp_path / "fresh"
     train_round(pairs(4), policy=tiny_model, reference=tiny_model, out_dir=r0, resume=None, config=_config(), progress=False)
-    state0 = json.loads((r0 / "trainer_state.json").read_text())
+    state0 = json.loads((r0 / "training_state" / "trainer_state.json").read_text())
     assert state0["global_step"] == 2
-    assert json.loads((r0 / "scheduler.json").read_text())["last_epoch"] == 2
-    moments0 = load_file(str(r0 / "optimizer.safetensors"))
+    assert json.loads((r0 / "training_state" / "scheduler.json").read_text())["last_epoch"] == 2
+    moments0 = load_file(str(r0 / "training_state" / "optimizer.safetensors"))
     assert any(k.endswith("exp_avg_sq") for k in moments0) and all(torch.isfinite(v).all() for v in moments0.values())
 
     train_round(pairs(4), policy=str(r0), reference=tiny_model, out_dir=r1, resume=r0, config=_config(), round_index=1, progress=False)
     train_round(pairs(4), policy=str(r0), reference=tiny_model, out_dir=fresh, resume=None, config=_config(), round_index=1, progress=False)
-    assert json.loads((r1 / "trainer_state.json").read_text())["global_step"] == 4
-    assert json.loads((r1 / "scheduler.json").read_text())["last_epoch"] == 4
-    resumed, restarted = load_file(str(r1 / "optimizer.safetensors")), load_file(str(fresh / "optimizer.safetensors"))
+    assert json.loads((r1 / "training_state" / "trainer_state.json").read_text())["global_step"] == 4
+    assert json.loads((r1 / "training_state" / "scheduler.json").read_text())["last_epoch"] == 4
+    resumed, restarted = load_file(str(r1 / "training_state" / "optimizer.safetensors")), load_file(str(fresh / "training_state" / "optimizer.safetensors"))
     key = next(k for k in resumed if k.endswith(".step"))
     assert resumed[key].item() == 4 and restarted[key].item() == 2
     # Adam's second moment is a running average: after resuming it still holds round 0's gradients.

@@ -29,6 +29,8 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stop", action="append", default=[], help="a stop string (repeatable)")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="sequences per generate call")
     p.add_argument("--dtype", default=d.dtype, choices=["bfloat16", "float32", "float16"])
+    p.add_argument("--backend", default=d.backend, choices=["hf", "vllm"],
+                   help="hf: transformers generate; vllm: a vLLM engine (pip install 'alignloop[vllm]')")
 
 
 def _at_least(low: int):
@@ -148,6 +150,11 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(e, (ConfigError, RecordError, ModelError, TrainingError, ValueError, FileNotFoundError)):
             print(f"alignloop: error: {message}", file=sys.stderr)
             return EXIT_BAD_INPUT
+        from .vllm_engine import SamplerError
+
+        if isinstance(e, SamplerError):
+            print(f"alignloop: error: {message}", file=sys.stderr)
+            return 1
         print(f"alignloop: error: {type(e).__name__}: {message} (ALIGNLOOP_DEBUG=1 shows the traceback)", file=sys.stderr)
         return 1
 
@@ -173,10 +180,17 @@ def _dispatch(args) -> int:
         prompts = read_prompts(args.prompts)
         if not prompts:
             raise NothingToDo(f"{args.prompts} holds no prompts")
+        engine = None
+        if args.backend == "vllm":
+            from .config import SamplerConfig
+            from .vllm_engine import VLLMEngine
+
+            engine = VLLMEngine(args.policy, SamplerConfig(backend="vllm", dtype=args.dtype), args.seed, args.trust_remote_code)
         records = sample_records(
             prompts, args.policy, n=args.n, round_index=args.round, seed=args.seed, temperature=args.temperature,
             top_p=args.top_p, max_new_tokens=args.max_new_tokens, stop=args.stop, batch_size=args.batch_size,
             dtype=args.dtype, trust_remote_code=args.trust_remote_code, progress="sample" if progress else None,
+            engine=engine,
         )
         write_records(args.out, records)
         print(f"wrote {len(records)} samples to {args.out}")

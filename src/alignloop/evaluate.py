@@ -12,12 +12,12 @@ from .stages.sample import sample_records
 
 def evaluate_policy(policy: str, prompts: list[dict], labeler, sampler, round_index: int, seed: int,
                     trust_remote_code: bool = False, progress: str | None = "held-out",
-                    generator: str | None = None) -> list[dict]:
-    """Scored records of one greedy answer per held-out prompt."""
+                    generator: str | None = None, engine=None) -> list[dict]:
+    """Scored records of one greedy answer per held-out prompt (from the vLLM `engine` when given)."""
     samples = sample_records(
         prompts, policy, n=1, round_index=round_index, seed=seed, temperature=0.0, top_p=1.0,
         max_new_tokens=sampler.max_new_tokens, stop=sampler.stop, batch_size=sampler.batch_size,
-        dtype=sampler.dtype, trust_remote_code=trust_remote_code, progress=progress, generator=generator,
+        dtype=sampler.dtype, trust_remote_code=trust_remote_code, progress=progress, generator=generator, engine=engine,
     )
     scored, _ = label_records(samples, labeler, progress=None)
     return scored

@@ -27,6 +27,7 @@ from .stages.feedback import binary_feedback, pairwise_feedback
 from .stages.label import BATCHES_PER_CHUNK, label_records
 from .stages.sample import sample_records
 from .stages.train import TrainConfig, is_checkpoint, train_round
+from .vllm_engine import SamplerError, VLLMEngine, vllm_missing_reason
 
 
 class Run:
@@ -92,6 +93,41 @@ class Run:
 
 def run_loop(config: Config, progress: bool = True, echo=print) -> dict:
     """Run (or resume) the whole loop; returns the manifest."""
+    if config.sampler.backend == "vllm" and (reason := vllm_missing_reason()):
+        raise SamplerError(reason)  # before any work is done
+    engine = Engine(config)
+    try:
+        return _run_rounds(config, engine, progress, echo)
+    finally:
+        engine.close()
+
+
+class Engine:
+    """The run's sampler: None for HF generate, or one vLLM engine started on first use and kept for the
+    whole run (it loads each policy's weights in place; see `alignloop.vllm_engine`)."""
+
+    def __init__(self, config: Config):
+        self.config = config
+        self.vllm: VLLMEngine | None = None
+
+    def __call__(self, policy: str) -> VLLMEngine | None:
+        if self.config.sampler.backend != "vllm":
+            return None
+        if self.vllm is None:
+            self.vllm = VLLMEngine(policy, self.config.sampler, self.config.seed, self.config.trust_remote_code)
+        return self.vllm
+
+    def sleep(self) -> None:
+        if self.vllm is not None:
+            self.vllm.sleep()
+
+    def close(self) -> None:
+        if self.vllm is not None:
+            self.vllm.close()
+            self.vllm = None
+
+
+def _run_rounds(config: Config, engine: Engine, progress: bool, echo) -> dict:
     run = Run(config)
     run.open()
     policy0 = resolve_model_path(config.policy)
@@ -107,7 +143,7 @@ def run_loop(config: Config, progress: bool = True, echo=print) -> dict:
 
     if heldout:
         eval_stage(run, "sft", -1, policy0, heldout, labeler, run.dir / "eval" / "sft_heldout.jsonl",
-                   progress and "held-out (SFT)")
+                   progress and "held-out (SFT)", engine)
 
     policy = policy0
     resume = None
@@ -130,13 +166,17 @@ def run_loop(config: Config, progress: bool = True, echo=print) -> dict:
                 max_new_tokens=config.sampler.max_new_tokens, stop=config.sampler.stop,
                 batch_size=config.sampler.batch_size, dtype=config.sampler.dtype,
                 trust_remote_code=config.trust_remote_code, progress=progress and f"sample r{r:03d}" or None,
-                generator=run.policy_id(policy),
+                generator=run.policy_id(policy), engine=engine(policy),
             )
+            sync = {}
+            if engine.vllm is not None and config.sampler.sync_samples:  # a stale engine stops the run here
+                s = config.sampler
+                sync = {"weight_sync": engine.vllm.check_sync(policy, s.sync_tolerance, s.sync_samples, config.trust_remote_code)}
             write_records(samples_path, samples)
             entry = run.mark_done(r, "sample", samples_path, {
                 "policy": policy, "prompts": end - start, "prompt_slice": [start, end], "count": len(samples),
                 "input_sha256": hashlib.sha256("".join(dumps(p) for p in prompts[start:end]).encode()).hexdigest(),
-                "seed": seed, "seconds": time.time() - t,
+                "seed": seed, "backend": config.sampler.backend, **sync, "seconds": time.time() - t,
             })
         timings["sample"] = entry["seconds"]
         if entry["count"] == 0:
@@ -184,6 +224,7 @@ def run_loop(config: Config, progress: bool = True, echo=print) -> dict:
         elif not ((entry := run.stage(r, "train")) and entry.get("status") == "done"
                   and (entry.get("cleaned") or is_checkpoint(checkpoint))):
             t = time.time()
+            engine.sleep()  # on a GPU the engine gives its memory to the trainer until it samples again
             summary = train_round(
                 read_records(train_input), policy=policy, reference=reference, out_dir=checkpoint, resume=resume,
                 config=_train_config(config), round_index=r, trust_remote_code=config.trust_remote_code,
@@ -200,7 +241,8 @@ def run_loop(config: Config, progress: bool = True, echo=print) -> dict:
 
         # 5. held-out eval of the policy this round produced
         if heldout:
-            entry = eval_stage(run, r, r, policy, heldout, labeler, rdir / "heldout.jsonl", progress and f"held-out r{r:03d}")
+            entry = eval_stage(run, r, r, policy, heldout, labeler, rdir / "heldout.jsonl", progress and f"held-out r{r:03d}",
+                               engine)
             timings["eval"] = entry["seconds"]
 
         write_json(rdir / "metrics.json", round_metrics(run, r, timings))
@@ -214,14 +256,14 @@ def run_loop(config: Config, progress: bool = True, echo=print) -> dict:
 
 
 def eval_stage(run: Run, key: int | str, round_index: int, policy: str, heldout: list[dict], labeler, out: Path,
-               progress) -> dict:
+               progress, engine: Engine) -> dict:
     """Held-out eval of one policy (the SFT model, or a round's checkpoint), done once and recorded."""
     if entry := run.done(key, "eval", out):
         return entry
     t = time.time()
     config = run.config
     scored = evaluate_policy(policy, heldout, labeler, config.sampler, round_index, config.seed,
-                             config.trust_remote_code, progress, generator=run.policy_id(policy))
+                             config.trust_remote_code, progress, generator=run.policy_id(policy), engine=engine(policy))
     write_records(out, scored)
     return run.mark_done(key, "eval", out, {"policy": policy, "count": len(scored), "reward": mean_reward(scored),
                                             "seconds": time.time() - t})

@@ -135,9 +135,11 @@ def fill(template: str, **values: str) -> str:
     return pattern.sub(lambda m: values[m.group(0)[1:-1]], template)
 
 
-def cache_key(model: str, system: str, user: str, temperature: float) -> str:
-    """The cache key: everything that decides the judge's answer (the user message holds prompt and output)."""
-    text = json.dumps([model, system, user, temperature], ensure_ascii=False)
+def cache_key(model: str, system: str, user: str, temperature: float, max_tokens: int | None = None) -> str:
+    """The cache key: everything that decides the judge's answer (the user message holds prompt and output).
+    An answer-length cap joins the key only when set, so caches written before it existed stay valid."""
+    parts = [model, system, user, temperature] + ([max_tokens] if max_tokens is not None else [])
+    text = json.dumps(parts, ensure_ascii=False)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
@@ -266,7 +268,7 @@ class JudgeLabeler:
     def __init__(self, base_url: str, model: str, *, api_key_env: str | None = None, system_prompt: str | None = None,
                  user_template: str | None = None, temperature: float = 0.0, max_concurrency: int = 8,
                  timeout: float = 60.0, max_retries: int = 4, price_in_per_million: float | None = None,
-                 price_out_per_million: float | None = None, pairwise: bool = False,
+                 price_out_per_million: float | None = None, pairwise: bool = False, max_tokens: int | None = None,
                  cache_path: str | Path | None = None, backoff: float = 1.0):
         if not base_url.startswith(("http://", "https://")):
             raise ValueError(f"judge base_url '{base_url}' must start with http:// or https://")
@@ -282,6 +284,7 @@ class JudgeLabeler:
         self.system_prompt = system_prompt or default_system
         self.user_template = user_template or default_user
         self.temperature = temperature
+        self.max_tokens = max_tokens
         self.max_concurrency = max_concurrency
         self.timeout = timeout
         self.max_retries = max_retries
@@ -300,7 +303,7 @@ class JudgeLabeler:
                    user_template=config.user_template, temperature=config.temperature,
                    max_concurrency=config.max_concurrency, timeout=config.timeout, max_retries=config.max_retries,
                    price_in_per_million=config.price_in_per_million, price_out_per_million=config.price_out_per_million,
-                   pairwise=config.pairwise, cache_path=cache_path)
+                   pairwise=config.pairwise, max_tokens=config.max_tokens, cache_path=cache_path)
 
     def __repr__(self) -> str:  # never the key
         return f"JudgeLabeler(url={self.url!r}, model={self.model!r}, pairwise={self.pairwise})"
@@ -413,7 +416,7 @@ class JudgeLabeler:
     async def _ask(self, system: str, user: str) -> dict:
         """{"raw": reply} or {"error": why}: from the cache, from an identical call already in flight, or
         from the API."""
-        key = cache_key(self.model, system, user, self.temperature)
+        key = cache_key(self.model, system, user, self.temperature, self.max_tokens)
         if self.cache is not None and (raw := self.cache.get(key)) is not None:
             self.stats["cached"] += 1
             return {"raw": raw}
@@ -427,8 +430,11 @@ class JudgeLabeler:
         return answer
 
     async def _request(self, system: str, user: str) -> dict:
-        body = json.dumps({"model": self.model, "temperature": self.temperature,
-                           "messages": [{"role": "system", "content": system}, {"role": "user", "content": user}]}).encode()
+        request = {"model": self.model, "temperature": self.temperature,
+                   "messages": [{"role": "system", "content": system}, {"role": "user", "content": user}]}
+        if self.max_tokens is not None:
+            request["max_tokens"] = self.max_tokens
+        body = json.dumps(request).encode()
         headers = {"Content-Type": "application/json"}
         if self._api_key:
             headers["Authorization"] = f"Bearer {self._api_key}"

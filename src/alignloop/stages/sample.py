@@ -1,8 +1,10 @@
 """Stage 1, sample: n responses per prompt from the current policy.
 
-Hugging Face `generate`, batched with left padding. Prompts are rendered by `models.encode_prompt`, the same
-function the trainer uses, so the policy is trained on exactly the tokens it was sampled from. Every
-extra field of a prompt record (a verifier's constraints, say) is carried into its samples.
+Two backends: Hugging Face `generate` here, batched with left padding, or a running vLLM engine
+(`alignloop.vllm_engine`) handed in by the caller. Either way prompts are rendered by
+`models.encode_prompt`, the same function the trainer uses, so the policy is trained on exactly the tokens
+it was sampled from. Every extra field of a prompt record (a verifier's constraints, say) is carried into
+its samples.
 """
 
 from __future__ import annotations
@@ -96,16 +98,22 @@ def _decode(tokenizer, tokens: list[int], eos_ids: list[int], stop: list[str], p
 def sample_records(
     prompts: list[dict], policy: str, *, n: int, round_index: int, seed: int, temperature: float, top_p: float,
     max_new_tokens: int, stop: list[str], batch_size: int, dtype: str, trust_remote_code: bool = False,
-    generator: str | None = None, progress: str | None = "sample",
+    generator: str | None = None, progress: str | None = "sample", engine=None,
 ) -> list[dict]:
-    """Sample records per the contract, prompt by prompt, sample_id 0..n-1."""
-    tokenizer = load_tokenizer(policy, trust_remote_code)
-    tokenizer.padding_side = "left"
-    model = load_causal_lm(policy, dtype, trust_remote_code).to(inference_device()).eval()
-    outputs = generate(model, tokenizer, prompts, n, temperature, top_p, max_new_tokens, stop, seed, batch_size, progress)
+    """Sample records per the contract, prompt by prompt, sample_id 0..n-1. With a vLLM `engine`, the
+    engine is switched to `policy` (in place) and samples; otherwise the policy is loaded for HF generate."""
+    if engine is not None:
+        engine.load_weights(policy)
+        outputs = [[o.record for o in row] for row in engine.generate(
+            prompts, n, temperature, top_p, max_new_tokens, stop, seed, progress)]
+    else:
+        tokenizer = load_tokenizer(policy, trust_remote_code)
+        tokenizer.padding_side = "left"
+        model = load_causal_lm(policy, dtype, trust_remote_code).to(inference_device()).eval()
+        outputs = generate(model, tokenizer, prompts, n, temperature, top_p, max_new_tokens, stop, seed, batch_size, progress)
+        del model
     records = []
     for prompt, samples in zip(prompts, outputs):
         for sample_id, s in enumerate(samples):
             records.append({**prompt, "sample_id": sample_id, **s, "round": round_index, "generator": generator or policy})
-    del model
     return records

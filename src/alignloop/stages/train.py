@@ -8,8 +8,9 @@ The recipe, top to bottom:
    position (a fresh optimizer every round would throw the moments away; HALOs restores only the scheduler);
 4. train with gradient accumulation and clipping under Accelerate, so the same code runs data-parallel or
    sharded under `accelerate launch`;
-5. write the checkpoint atomically: a HF folder (safetensors, tokenizer, generation config) plus the
-   optimizer state (safetensors + JSON), the scheduler state and the trainer state.
+5. write the checkpoint atomically: a HF folder (safetensors, tokenizer, generation config) with the
+   optimizer state (safetensors + JSON), the scheduler state and the trainer state in its `training_state/`
+   subfolder (kept out of the model folder proper: vLLM loads every *.safetensors file it finds there).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from ..models import encode_prompt, encode_response, inference_device, load_caus
 from ..records import write_json
 from .feedback import pairs_to_binary
 
+TRAINING_STATE = "training_state"  # the subfolder of a checkpoint that holds the files below
 OPTIMIZER_TENSORS = "optimizer.safetensors"
 OPTIMIZER_META = "optimizer.json"
 SCHEDULER_STATE = "scheduler.json"
@@ -296,7 +298,7 @@ def train_round(feedback: list[dict], *, policy: str, reference: str, out_dir: s
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_then_constant(config.warmup_steps))
     state = {"global_step": 0, "rounds": []}
     if resume is not None:
-        resume = Path(resume)
+        resume = training_state_dir(Path(resume))
         load_optimizer(optimizer, resume)
         scheduler.load_state_dict(json.loads((resume / SCHEDULER_STATE).read_text()))
         state = json.loads((resume / TRAINER_STATE).read_text())
@@ -373,15 +375,23 @@ def save_checkpoint(model, tokenizer, optimizer, scheduler, state: dict, out_dir
     model.config.use_cache = True
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
-    save_optimizer(optimizer, tmp)
-    write_json(tmp / SCHEDULER_STATE, scheduler.state_dict())
-    write_json(tmp / TRAINER_STATE, state)
+    (tmp / TRAINING_STATE).mkdir()
+    save_optimizer(optimizer, tmp / TRAINING_STATE)
+    write_json(tmp / TRAINING_STATE / SCHEDULER_STATE, scheduler.state_dict())
+    write_json(tmp / TRAINING_STATE / TRAINER_STATE, state)
     if out_dir.exists():
         shutil.rmtree(out_dir)
     os.replace(tmp, out_dir)
 
 
+def training_state_dir(checkpoint: Path) -> Path:
+    """Where a checkpoint keeps its optimizer, scheduler and trainer state (checkpoints written before
+    `training_state/` existed keep them beside the weights)."""
+    return checkpoint / TRAINING_STATE if (checkpoint / TRAINING_STATE).is_dir() else checkpoint
+
+
 def is_checkpoint(folder: str | Path) -> bool:
     folder = Path(folder)
-    return all((folder / f).exists() for f in ("config.json", OPTIMIZER_TENSORS, SCHEDULER_STATE, TRAINER_STATE))
+    state = training_state_dir(folder)
+    return (folder / "config.json").exists() and all((state / f).exists() for f in (OPTIMIZER_TENSORS, SCHEDULER_STATE, TRAINER_STATE))
 

