@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from alignloop.stages.train_rm import split_by_prompt, train_reward_model, wilson_interval
+from alignloop.stages.train_rm import freeze_below, split_by_prompt, train_reward_model, unique_pairs, wilson_interval
 
 
 def separable_pairs(n: int) -> list[dict]:
@@ -25,6 +25,34 @@ def test_split_keeps_prompts_whole():
     train, heldout = split_by_prompt(pairs, 0.25, seed=0)
     assert len(heldout) == 10 and len(train) == 30
     assert not {p["prompt_id"] for p in train} & {p["prompt_id"] for p in heldout}
+
+
+def test_repeated_pairs_count_once_whatever_their_order():
+    pairs = separable_pairs(3)
+    swapped = {**pairs[0], "output_A": pairs[0]["output_B"], "output_B": pairs[0]["output_A"], "label": 0}
+    other_prompt = {**pairs[1], "prompt_id": "elsewhere"}
+    assert unique_pairs(pairs + [swapped, dict(pairs[2]), other_prompt]) == pairs + [other_prompt]
+
+
+def test_frozen_body_trains_only_the_top_blocks_and_head(tiny_model, tmp_path):
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_model, num_labels=1)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainable = freeze_below(model, 1)
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert names and all(n.startswith(("model.layers.1.", "model.norm", "score")) for n in names)
+    assert trainable == sum(p.numel() for n, p in model.named_parameters() if n in names)
+    with pytest.raises(ValueError, match="the model has 2 blocks"):
+        freeze_below(model, 3)
+
+    train_reward_model(separable_pairs(16), base=tiny_model, out_dir=tmp_path / "rm", lr=1e-2, epochs=1,
+                       heldout_fraction=0.25, train_layers=1, progress=False)
+    after = dict(AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm").named_parameters())
+    for n, p in before.items():
+        changed = not torch.equal(p, after[n].detach())
+        assert changed == (n in names or n == "score.weight"), n  # the head is new (random) in `before`
 
 
 def test_reaches_clearly_above_chance_on_a_separable_set(tiny_model, tmp_path):

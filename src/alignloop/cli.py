@@ -104,6 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8, help="pairs per step")
     p.add_argument("--max-length", type=int, default=1024)
     p.add_argument("--heldout-fraction", type=float, default=0.1, help="share of prompts held out for accuracy")
+    p.add_argument("--train-layers", type=int, help="train only the top N transformer blocks (+ final norm and head); "
+                   "default: all")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--trust-remote-code", action="store_true")
 
@@ -229,7 +231,7 @@ def _dispatch(args) -> int:
             raise NothingToDo("no pairwise feedback in " + ", ".join(args.feedback))
         metrics = train_reward_model(pairs, base=args.base, out_dir=args.out, lr=args.lr, epochs=args.epochs,
                                      batch_size=args.batch_size, max_length=args.max_length,
-                                     heldout_fraction=args.heldout_fraction, seed=args.seed,
+                                     heldout_fraction=args.heldout_fraction, seed=args.seed, train_layers=args.train_layers,
                                      trust_remote_code=args.trust_remote_code, progress=progress)
         low, high = metrics["heldout_accuracy_ci95"]
         print(f"wrote reward model {args.out}: held-out pairwise accuracy {metrics['heldout_accuracy']:.3f} "

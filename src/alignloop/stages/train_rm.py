@@ -43,6 +43,18 @@ def split_by_prompt(pairs: list[dict], heldout_fraction: float, seed: int) -> tu
     return [p for p in pairs if p["prompt_id"] not in heldout_ids], [p for p in pairs if p["prompt_id"] in heldout_ids]
 
 
+def unique_pairs(pairs: list[dict]) -> list[dict]:
+    """Pairs with each (prompt, unordered pair of outputs) once: feedback files made with several pairing
+    seeds repeat pairs, and a repeated held-out pair would count twice in the accuracy."""
+    seen, out = set(), []
+    for p in pairs:
+        key = (p["prompt_id"], frozenset((p["output_A"], p["output_B"])))
+        if key not in seen:
+            seen.add(key)
+            out.append(p)
+    return out
+
+
 def _encode_pairs(pairs: list[dict], tokenizer, max_length: int) -> list[tuple[list[int], list[int]]]:
     encoded = []
     for p in pairs:
@@ -76,10 +88,32 @@ def pairwise_accuracy(model, encoded, pad_id: int, batch_size: int) -> int:
     return correct
 
 
+def freeze_below(model, train_layers: int) -> int:
+    """Train only the top `train_layers` transformer blocks, the final norm and the head; returns the number
+    of trainable parameters. With few pairs a frozen body overfits less, and no gradient flows through the
+    frozen blocks, so a step costs little more than a forward pass."""
+    blocks = getattr(model.base_model, "layers", None) or getattr(model.base_model, "h", None)
+    if blocks is None:
+        raise ValueError(f"--train-layers: cannot find the transformer blocks of {type(model).__name__}")
+    if not 0 <= train_layers <= len(blocks):
+        raise ValueError(f"--train-layers {train_layers}: the model has {len(blocks)} blocks")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    top = list(blocks)[len(blocks) - train_layers :]
+    norm = getattr(model.base_model, "norm", None) or getattr(model.base_model, "ln_f", None)
+    for module in top + [norm, model.score]:
+        if module is not None:
+            for p in module.parameters():
+                p.requires_grad_(True)
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
 def train_reward_model(pairs: list[dict], *, base: str, out_dir: str | Path, lr: float = 1e-5, epochs: int = 1,
                        batch_size: int = 8, max_length: int = 1024, heldout_fraction: float = 0.1, seed: int = 0,
-                       dtype: str = "float32", trust_remote_code: bool = False, progress: bool = True) -> dict:
-    """Train, evaluate on held-out prompts, write the folder atomically, and return the metrics."""
+                       dtype: str = "float32", train_layers: int | None = None, trust_remote_code: bool = False,
+                       progress: bool = True) -> dict:
+    """Train, evaluate on held-out prompts, write the folder atomically, and return the metrics.
+    `train_layers`: train only the top blocks (see `freeze_below`); None trains everything."""
     from transformers import AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 
@@ -94,10 +128,11 @@ def train_reward_model(pairs: list[dict], *, base: str, out_dir: str | Path, lr:
     finally:
         hf_logging.set_verbosity(verbosity)
     model.config.pad_token_id = tokenizer.pad_token_id
-    train, heldout = split_by_prompt(pairs, heldout_fraction, seed)
+    trainable = freeze_below(model, train_layers) if train_layers is not None else sum(p.numel() for p in model.parameters())
+    train, heldout = split_by_prompt(unique_pairs(pairs), heldout_fraction, seed)
     train_enc, heldout_enc = _encode_pairs(train, tokenizer, max_length), _encode_pairs(heldout, tokenizer, max_length)
     torch.manual_seed(seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     rng = random.Random(seed)
     losses = []
     for epoch in range(epochs):
@@ -121,6 +156,7 @@ def train_reward_model(pairs: list[dict], *, base: str, out_dir: str | Path, lr:
     low, high = wilson_interval(correct, len(heldout_enc))
     metrics = {
         "train_pairs": len(train_enc), "heldout_pairs": len(heldout_enc), "epochs": epochs, "lr": lr,
+        "train_layers": train_layers, "trainable_parameters": trainable,
         "final_loss": sum(losses[-10:]) / max(1, len(losses[-10:])),
         "heldout_accuracy": correct / len(heldout_enc) if heldout_enc else None, "heldout_accuracy_ci95": [low, high],
         "train_accuracy": pairwise_accuracy(model, train_enc, tokenizer.pad_token_id, batch_size) / max(1, len(train_enc)),
