@@ -29,6 +29,9 @@ class SamplerError(RuntimeError):
 
 def vllm_missing_reason() -> str | None:
     """Why vLLM cannot be used here, or None when it can."""
+    # vLLM logs hundreds of lines per run, most of them a warning per weight that a float32 checkpoint is
+    # cast to the engine's bf16; errors still show, and VLLM_LOGGING_LEVEL=INFO brings the rest back.
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
     try:
         import vllm  # noqa: F401
     except Exception as e:  # a broken install fails with other errors than ImportError (torchvision, say)
@@ -155,7 +158,10 @@ class VLLMEngine:
                 self.llm.reset_prefix_cache()
 
     def close(self) -> None:
-        self.llm = None
+        """Stop the engine's processes now rather than whenever the garbage collector gets to them."""
+        if self.llm is not None:
+            self.llm.llm_engine.engine_core.shutdown()
+            self.llm = None
 
 
 def _prompt_seed(seed: int, prompt_id) -> int:
