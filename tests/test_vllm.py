@@ -217,3 +217,39 @@ def test_vllm_backend_without_vllm_is_a_clear_error(tmp_path, tiny_model, monkey
     args = ["--no-progress", "run"] + [x for o in tiny_run_overrides(tmp_path / "run", tiny_model) for x in ("--set", o)]
     assert cli.main(args + ["--set", "sampler.backend=vllm"]) == 1
     assert not (tmp_path / "run").exists()
+
+
+@needs_vllm
+def test_kill_9_with_the_vllm_sampler_then_rerun_gives_the_same_records(tmp_path, models):
+    """SIGKILL in round 1 after sampling; the rerun starts a new engine straight from round 0's checkpoint and
+    ends with the records and weights of a run that never stopped (its engine loaded that checkpoint in place)."""
+    import os
+    import signal
+    import time
+
+    import psutil
+    from test_loop import record_files, stage_hashes
+
+    def cli(run_dir):
+        args = [a for o in _loop_overrides(run_dir, models[0]) + ["sampler.dtype=float32"] for a in ("--set", o)]
+        return [sys.executable, "-m", "alignloop", "--no-progress", "run", *args]
+
+    clean, killed = tmp_path / "clean", tmp_path / "killed"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    subprocess.run(cli(clean), check=True, env=env, capture_output=True, timeout=600)
+    proc = subprocess.Popen(cli(killed), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (killed / "rounds/r001/scored.jsonl").exists():  # round 1 sampled and labeled, not yet trained
+        assert proc.poll() is None and time.time() < deadline, "run ended before the kill point"
+        time.sleep(0.05)
+    engine_processes = psutil.Process(proc.pid).children(recursive=True)
+    assert engine_processes  # vLLM's engine core and worker
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "rounds/r001/heldout.jsonl").exists()
+    _, alive = psutil.wait_procs(engine_processes, timeout=15)
+    assert alive == []  # the engine went down with the run that started it
+    result = subprocess.run(cli(killed), env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert record_files(killed) == record_files(clean)
+    assert stage_hashes(killed) == stage_hashes(clean)

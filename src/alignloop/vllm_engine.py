@@ -70,6 +70,7 @@ class VLLMEngine:
         self.on_gpu = torch.cuda.is_available()
         if not self.on_gpu:
             _cpu_defaults()
+        os.environ["ALIGNLOOP_RUN_PID"] = str(os.getpid())  # the engine's processes exit when this one dies
         self.policy = resolve_model_path(policy)
         self.tokenizer = load_tokenizer(self.policy, trust_remote_code)
         max_model_len = sampler.max_model_len

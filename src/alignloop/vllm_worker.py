@@ -4,6 +4,11 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import threading
+import time
+
 
 class WeightReload:
     def alignloop_reload_weights(self, path: str) -> None:
@@ -21,3 +26,30 @@ class WeightReload:
         for module in self.model_runner.get_model().modules():
             if isinstance(module, ParallelLMHead) and hasattr(module, "cpu_linear"):
                 module.quant_method.process_weights_after_loading(module)
+
+
+def _exit_with_the_run() -> None:
+    """When the alignloop process that started this engine dies without closing it (kill -9, OOM), take the
+    engine down too. vLLM's engine-core process outlives a killed parent, holding its memory and, when the
+    run is resumed, competing with the new engine for the CPU. This worker is the engine core's child, so
+    it kills its parent and then itself."""
+    pid = os.environ.get("ALIGNLOOP_RUN_PID")
+    if not pid:
+        return
+    import psutil
+
+    try:
+        run = psutil.Process(int(pid))
+    except psutil.NoSuchProcess:
+        run = None
+
+    def watch():
+        while run is not None and run.is_running():  # is_running also tells a reused pid apart
+            time.sleep(1.0)
+        os.kill(os.getppid(), signal.SIGKILL)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="alignloop-exit-with-run", daemon=True).start()
+
+
+_exit_with_the_run()
