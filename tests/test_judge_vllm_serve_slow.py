@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -43,7 +44,7 @@ def vllm_server(smollm2_path, tmp_path_factory):
             [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(smollm2_path), "--host", "127.0.0.1",
              "--port", str(port), "--served-model-name", "smollm2", "--dtype", "bfloat16", "--enforce-eager",
              "--max-model-len", "2048", "--kv-cache-memory-bytes", str(1 << 30)],
-            stdout=out, stderr=subprocess.STDOUT, env=env,
+            stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True,  # its own process group
         )
     base_url = f"http://127.0.0.1:{port}/v1"
     deadline = time.time() + 300
@@ -62,11 +63,18 @@ def vllm_server(smollm2_path, tmp_path_factory):
             time.sleep(1)
         yield base_url
     finally:
-        proc.terminate()
+        # The whole process group: vLLM's engine processes outlive a killed server and would slow every
+        # test after this one.
+        os.killpg(proc.pid, signal.SIGTERM)
         try:
             proc.wait(30)
         except subprocess.TimeoutExpired:
-            proc.kill()
+            pass
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # whatever is left of the group
+        except ProcessLookupError:
+            pass
+        proc.wait()
 
 
 def test_judge_labels_16_samples_through_vllm_serve(vllm_server, tmp_path):
