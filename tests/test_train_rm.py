@@ -55,13 +55,18 @@ def test_frozen_body_trains_only_the_top_blocks_and_head(tiny_model, tmp_path):
         assert changed == (n in names or n == "score.weight"), n  # the head is new (random) in `before`
 
 
-def test_reaches_clearly_above_chance_on_a_separable_set(tiny_model, tmp_path):
+def test_reaches_clearly_above_chance_on_a_separable_set(tiny_model, tmp_path, monkeypatch):
     from transformers import AutoModelForSequenceClassification
 
+    import alignloop.stages.train_rm as train_rm
+
+    monkeypatch.setattr(train_rm, "TRAIN_ACCURACY_PAIRS", 20)  # the train accuracy is taken on a sample
     metrics = train_reward_model(separable_pairs(60), base=tiny_model, out_dir=tmp_path / "rm", lr=3e-3, epochs=4,
                                  batch_size=8, heldout_fraction=0.25, progress=False)
     assert metrics["heldout_pairs"] == 15 and metrics["train_pairs"] == 45
     assert metrics["heldout_accuracy"] >= 0.9 and metrics["heldout_accuracy_ci95"][0] > 0.5
+    assert metrics["train_accuracy_pairs"] == 20 and metrics["train_accuracy"] >= 0.9
+    assert (metrics["train_accuracy"] * 20) == round(metrics["train_accuracy"] * 20)
     model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm")
     assert model.config.num_labels == 1 and (tmp_path / "rm/model.safetensors").exists()
     assert json.loads((tmp_path / "rm/reward_model_metrics.json").read_text())["heldout_accuracy"] == metrics["heldout_accuracy"]

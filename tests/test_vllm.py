@@ -7,11 +7,13 @@ tokenizer, sized for vLLM's CPU attention (head size 32: it has no kernel for th
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from alignloop.vllm_engine import vllm_missing_reason
 
@@ -26,7 +28,6 @@ PROMPTS = [
 
 
 def _make_model(folder: Path, tokenizer, seed: int) -> str:
-    import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
@@ -169,9 +170,75 @@ def test_loop_keeps_one_engine_and_checks_every_round(tmp_path, models, monkeypa
     for r in ("0", "1"):
         sample = manifest["rounds"][r]["sample"]
         assert sample["backend"] == "vllm" and sample["weight_sync"]["mean_abs_diff"] < 1e-3
+        assert [w["cores"] for w in sample["engine_workers"]] == [sorted(os.sched_getaffinity(0))]  # all, shared
     assert manifest["rounds"]["1"]["sample"]["policy"].endswith("r000/checkpoint")
     records = [json.loads(line) for line in (tmp_path / "run" / "rounds" / "r001" / "samples.jsonl").read_text().splitlines()]
     assert all(r["generator"] == "rounds/r000/checkpoint" and "logprob" in r for r in records)
+
+
+@needs_vllm
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two cores")
+def test_engine_on_its_own_cores_and_the_trainer_on_the_rest(tmp_path, models, monkeypatch):
+    """`sampler.devices`, on a CPU: vLLM's worker runs on the engine's core (as it reports from inside), the
+    trainer's threads on the other one while it trains, and this process gets all its cores back after."""
+    import torch
+
+    import alignloop.loop as loop
+    from alignloop.config import load_config
+
+    cores, threads = sorted(os.sched_getaffinity(0)), torch.get_num_threads()
+    engine_core, trainer_cores = cores[-1], cores[:-1]
+    seen = []
+    real = loop.train_round
+
+    def observed(*args, **kwargs):
+        seen.append(({c for t in os.listdir("/proc/self/task") for c in os.sched_getaffinity(int(t))}, torch.get_num_threads()))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "train_round", observed)
+    overrides = _loop_overrides(tmp_path / "run", models[0]) + ["sampler.dtype=float32", f"sampler.devices=[{engine_core}]"]
+    manifest = loop.run_loop(load_config(None, overrides), progress=False)
+    assert seen == [(set(trainer_cores), len(trainer_cores))] * 2
+    for r in ("0", "1"):
+        sample = manifest["rounds"][r]["sample"]
+        assert [w["cores"] for w in sample["engine_workers"]] == [[engine_core]]
+        assert sample["trainer"] == {"cores": trainer_cores}
+        assert sample["weight_sync"]["mean_abs_diff"] < 1e-3
+    assert sorted(os.sched_getaffinity(0)) == cores and torch.get_num_threads() == threads
+
+
+@needs_vllm
+def test_devices_leaving_the_trainer_nothing_is_a_clear_error_before_any_work(tmp_path, tiny_model, capsys):
+    from alignloop.cli import main
+
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else sorted(os.sched_getaffinity(0))
+    run_dir = tmp_path / "run"
+    code = main(["run", "--set", f"run_dir={run_dir}", "--set", f"policy={tiny_model}", "--set", "sampler.backend=vllm",
+                 "--set", f"sampler.devices={devices}", "--set", f"sampler.tensor_parallel_size={len(devices)}"])
+    err = capsys.readouterr().err
+    assert code == 2 and "leaves none for the trainer" in err and len(err.strip().splitlines()) == 1
+    assert not run_dir.exists()
+
+
+@needs_vllm
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2,
+                    reason="needs two GPUs (the engine on one, the trainer on the other)")
+def test_engine_on_its_own_gpu_and_the_trainer_on_another(tmp_path, models):
+    """`sampler.devices: [1]` on a GPU machine: vLLM's worker runs on cuda:1's GPU, the trainer on cuda:0,
+    and no memory of this process lands on cuda:1."""
+    import alignloop.loop as loop
+    from alignloop.config import load_config
+
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    physical = visible.split(",")[1] if visible else "1"
+    overrides = _loop_overrides(tmp_path / "run", models[0]) + ["sampler.dtype=float32", "sampler.devices=[1]",
+                                                                 "sampler.gpu_memory_utilization=0.3"]
+    manifest = loop.run_loop(load_config(None, overrides), progress=False)
+    for r in ("0", "1"):
+        sample = manifest["rounds"][r]["sample"]
+        assert [w["gpu"] for w in sample["engine_workers"]] == [physical]
+        assert sample["trainer"] == {"gpus": [0]} and sample["weight_sync"]["mean_abs_diff"] < 1e-3
+    assert torch.cuda.max_memory_allocated(1) == 0 and torch.cuda.max_memory_allocated(0) > 0
 
 
 @needs_vllm

@@ -61,16 +61,35 @@ class SamplerConfig(Strict):
     enforce_eager: bool = True  # no graph capture/compilation: start-up in seconds rather than minutes
     max_model_len: int | None = Field(default=None, gt=0)  # prompt + response tokens; default: the model's
     sleep_while_training: bool = True  # GPU: release the engine's memory while the trainer runs
+    # null: the engine shares the trainer's devices. A list: the engine's own GPUs (cuda indices; as many as
+    # tensor_parallel_size) or, on a CPU, cores; the trainer takes the others (see alignloop.placement)
+    devices: list[int] | None = None
     # mean |log-prob difference| per token, vLLM vs the trainer's float32 model. Measured on SmolLM2-135M:
     # 0.04-0.06 for a bf16 engine in sync, 0.66-1.27 for one left a round or more behind.
     sync_tolerance: float = Field(default=0.15, gt=0)
     sync_samples: int = Field(default=4, ge=0)  # samples re-scored by the trainer's model each round; 0: no check
 
+    @field_validator("devices")
+    @classmethod
+    def _distinct_devices(cls, devices):
+        if devices is not None and (not devices or min(devices) < 0 or len(set(devices)) != len(devices)):
+            raise ValueError(f"devices must be distinct indices >= 0 (or null), got {devices}")
+        return devices
+
+    @model_validator(mode="after")
+    def _devices_need_vllm(self):
+        if self.devices is not None and self.backend != "vllm":
+            raise ValueError("devices places a vLLM engine; it needs backend 'vllm'")
+        return self
+
     @model_serializer(mode="wrap")
     def _hide_unused_fields(self, handler):
         """vLLM's settings, left at their defaults, are not saved with an `hf` sampler, so run directories
-        made before the vLLM backend existed still resume (the saved config must match the resolved one)."""
+        made before the vLLM backend existed still resume (the saved config must match the resolved one);
+        `devices`, added later, is left out while null for the same reason."""
         data = handler(self)
+        if self.devices is None:
+            data.pop("devices", None)
         if self.backend == "hf" and all(getattr(self, k) == SamplerConfig.model_fields[k].default for k in VLLM_FIELDS):
             for key in VLLM_FIELDS:
                 data.pop(key, None)

