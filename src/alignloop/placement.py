@@ -67,12 +67,13 @@ def split_devices(devices: list[int], tensor_parallel_size: int, *, gpu_count: i
         physical = visible.split(",") if visible else [str(i) for i in range(gpu_count)]
         env = {"CUDA_VISIBLE_DEVICES": ",".join(physical[d].strip() for d in devices)}
         return Placement(True, tuple(devices), (left[0],), env)
+    usable = ",".join(map(str, cores))
     unknown = [d for d in devices if d not in cores]
     if unknown:
-        raise PlacementError(f"sampler.devices: core {unknown[0]} is not one this process may use ({_ranges(cores)})")
+        raise PlacementError(f"sampler.devices: core {unknown[0]} is not one this process may use ({usable})")
     left = [c for c in cores if c not in devices]
     if not left:
-        raise PlacementError(f"sampler.devices takes every core ({_ranges(cores)}) and leaves none for the trainer; "
+        raise PlacementError(f"sampler.devices takes every core ({usable}) and leaves none for the trainer; "
                              "leave some out, or set sampler.devices to null to share them")
     env = {"VLLM_CPU_OMP_THREADS_BIND": cpu_thread_binding(list(devices), tensor_parallel_size),
            "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
@@ -144,7 +145,3 @@ def _bind_all_threads(cores: set[int]) -> None:
             os.sched_setaffinity(int(tid), cores)
         except (ProcessLookupError, PermissionError):  # a thread that has just exited
             pass
-
-
-def _ranges(cores: list[int]) -> str:
-    return ",".join(map(str, cores))
