@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from alignloop.config import ConfigError, load_config
-from alignloop.placement import PlacementError, cpu_thread_binding, split_devices, trainer_on
+from alignloop.placement import PlacementError, cpu_thread_binding, process_cores, split_devices, trainer_on
 
 
 def test_gpu_split_engine_gets_its_gpus_trainer_the_first_other():
@@ -75,5 +75,5 @@ def test_trainer_on_binds_every_thread_of_this_process_then_restores():
     with trainer_on(p):
         for tid in os.listdir("/proc/self/task"):
             assert os.sched_getaffinity(int(tid)) == {keep}
-        assert torch.get_num_threads() == 1
-    assert os.sched_getaffinity(0) == cores and torch.get_num_threads() == threads
+        assert process_cores() == {keep} and torch.get_num_threads() == 1
+    assert process_cores() == cores and torch.get_num_threads() == threads

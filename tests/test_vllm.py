@@ -185,6 +185,7 @@ def test_engine_on_its_own_cores_and_the_trainer_on_the_rest(tmp_path, models, m
 
     import alignloop.loop as loop
     from alignloop.config import load_config
+    from alignloop.placement import process_cores
 
     cores, threads = sorted(os.sched_getaffinity(0)), torch.get_num_threads()
     engine_core, trainer_cores = cores[-1], cores[:-1]
@@ -192,7 +193,7 @@ def test_engine_on_its_own_cores_and_the_trainer_on_the_rest(tmp_path, models, m
     real = loop.train_round
 
     def observed(*args, **kwargs):
-        seen.append(({c for t in os.listdir("/proc/self/task") for c in os.sched_getaffinity(int(t))}, torch.get_num_threads()))
+        seen.append((process_cores(), torch.get_num_threads()))
         return real(*args, **kwargs)
 
     monkeypatch.setattr(loop, "train_round", observed)

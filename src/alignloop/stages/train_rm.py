@@ -77,7 +77,7 @@ def _scores(model, sequences: list[list[int]], pad_id: int) -> torch.Tensor:
     return model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[:, 0].float()
 
 
-TRAIN_ACCURACY_PAIRS = 512
+TRAIN_ACCURACY_PAIRS = 512  # train pairs re-scored for the train accuracy (a seeded sample)
 
 
 def pairwise_accuracy(model, encoded, pad_id: int, batch_size: int) -> int:
