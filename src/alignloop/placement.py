@@ -62,10 +62,8 @@ def split_devices(devices: list[int], tensor_parallel_size: int, *, gpu_count: i
             raise PlacementError(f"sampler.devices takes all {gpu_count} GPUs and leaves none for the trainer; "
                                  "leave one out, or set sampler.devices to null to colocate (the engine then "
                                  "sleeps while the trainer runs)")
-        # CUDA_VISIBLE_DEVICES may already narrow (or reorder, or name by UUID) what this process sees: the
-        # engine's list is written in the same physical terms, so index i means what cuda:i means here.
-        physical = visible.split(",") if visible else [str(i) for i in range(gpu_count)]
-        env = {"CUDA_VISIBLE_DEVICES": ",".join(physical[d].strip() for d in devices)}
+        physical = physical_gpus(visible, gpu_count)
+        env = {"CUDA_VISIBLE_DEVICES": ",".join(physical[d] for d in devices)}
         return Placement(True, tuple(devices), (left[0],), env)
     usable = ",".join(map(str, cores))
     unknown = [d for d in devices if d not in cores]
@@ -78,6 +76,13 @@ def split_devices(devices: list[int], tensor_parallel_size: int, *, gpu_count: i
     env = {"VLLM_CPU_OMP_THREADS_BIND": cpu_thread_binding(list(devices), tensor_parallel_size),
            "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
     return Placement(False, tuple(devices), tuple(left), env)
+
+
+def physical_gpus(visible: str | None, gpu_count: int) -> list[str]:
+    """What cuda:0, cuda:1, ... are outside this process. CUDA_VISIBLE_DEVICES may already narrow, reorder
+    or name by UUID what a process sees, so the engine's list is written in those terms: index i then means
+    what cuda:i means here."""
+    return [v.strip() for v in visible.split(",")] if visible else [str(i) for i in range(gpu_count)]
 
 
 def engine_placement(sampler) -> Placement | None:

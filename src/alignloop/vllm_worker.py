@@ -32,13 +32,12 @@ class WeightReload:
         device."""
         import torch
 
-        from alignloop.placement import process_cores
+        from alignloop.placement import physical_gpus, process_cores
 
         report = {"pid": os.getpid(), "cores": sorted(process_cores())}
         if torch.cuda.is_available():
-            visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-            index = torch.cuda.current_device()
-            report["gpu"] = visible.split(",")[index].strip() if visible else str(index)
+            gpus = physical_gpus(os.environ.get("CUDA_VISIBLE_DEVICES"), torch.cuda.device_count())
+            report["gpu"] = gpus[torch.cuda.current_device()]
         return report
 
 
