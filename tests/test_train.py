@@ -2,6 +2,11 @@
 
 import json
 import math
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,18 +14,32 @@ from safetensors.torch import load_file
 
 from alignloop.logprobs import sequence_logps
 from alignloop.models import encode_prompt, encode_response, load_causal_lm, load_tokenizer
-from alignloop.stages.train import TrainConfig, TrainingError, build_examples, train_round
+from alignloop.losses import dpo_loss, grpo_loss, ipo_loss, kto_loss, orpo_loss, sft_loss, simpo_loss, slic_loss
+from alignloop.stages.sample import generate
+from alignloop.stages.train import (LOSSES, TrainConfig, TrainingError, build_examples, compute_reference_logps,
+                                    loss_on_batch, train_round)
+from conftest import launcher_problem, torchrun
 
 PROMPT = [{"role": "user", "content": "Say hi in lowercase."}]
 
 
 def pairs(n=4):
-    return [
-        {"type": "pairwise_feedback", "prompt_id": f"p{i}", "prompt": PROMPT, "output_A": f"hi there {i}",
-         "output_B": f"HELLO THERE {i}", "label": i % 2, "reward_A": 1.0 * (i % 2), "reward_B": 1.0 * (1 - i % 2),
-         "reward_difference": 1.0}
-        for i in range(n)
-    ]
+    """n pairs with one consistent preference: the lowercase answer always wins. It sits in output_A for odd i
+    (label 1) and in output_B for even i (label 0), so both directions of `label` are exercised. The answers
+    differ in length, so summing and averaging log-probs give different numbers."""
+    records = []
+    for i in range(n):
+        lower, upper = f"hi there {i}" + " and more" * (i % 3), f"HELLO THERE {i}!"
+        a, b = (lower, upper) if i % 2 else (upper, lower)
+        records.append({"type": "pairwise_feedback", "prompt_id": f"p{i}", "prompt": PROMPT, "output_A": a,
+                        "output_B": b, "label": i % 2, "reward_A": float(i % 2), "reward_B": float(1 - i % 2),
+                        "reward_difference": 1.0})
+    return records
+
+
+def chosen_rejected(pair: dict) -> tuple[str, str]:
+    """Written out here, apart from the trainer's picker: label 1 means output_A is preferred."""
+    return (pair["output_A"], pair["output_B"]) if pair["label"] == 1 else (pair["output_B"], pair["output_A"])
 
 
 def test_sequence_logps_sum_only_response_tokens(tiny_model):
@@ -39,23 +58,49 @@ def test_sequence_logps_sum_only_response_tokens(tiny_model):
 
 
 def test_sampler_and_trainer_render_prompts_identically(tiny_model):
+    """The HF sampler feeds `generate` exactly the tokens the trainer builds its examples from."""
     tok = load_tokenizer(tiny_model)
     text = tok.apply_chat_template(PROMPT, add_generation_prompt=True, tokenize=False)
     assert tok.decode(encode_prompt(tok, PROMPT)) == text
     assert text.endswith("<|im_start|>assistant\n")
-    examples = build_examples(pairs(2), "dpo", tok, max_length=512, seed=0)
-    assert examples[0].prompt == encode_prompt(tok, PROMPT)
+
+    model = load_causal_lm(tiny_model).eval()
+    fed = []
+    real_generate = model.generate
+
+    def recording_generate(input_ids, attention_mask, **kw):
+        fed.extend(row[mask.bool()].tolist() for row, mask in zip(input_ids, attention_mask))
+        return real_generate(input_ids=input_ids, attention_mask=attention_mask, **kw)
+
+    model.generate = recording_generate
+    tok.padding_side = "left"
+    prompts = [{"prompt_id": "a", "prompt": PROMPT},
+               {"prompt_id": "b", "prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Why?"}]}]
+    sampled = generate(model, tok, prompts, n=1, temperature=1.0, top_p=1.0, max_new_tokens=4, stop=[], seed=0, batch_size=8)
+    binary = [{"type": "binary_feedback", "prompt_id": p["prompt_id"], "prompt": p["prompt"], "output": row[0]["output"],
+               "label": True} for p, row in zip(prompts, sampled)]
+    examples = build_examples(binary, "kto", tok, max_length=512, seed=0)
+    assert sorted(fed) == sorted(e.prompt for e in examples)  # the sampler batches longest prompt first
+    assert [row[0]["prompt_tokens"] for row in sampled] == [len(e.prompt) for e in examples]
     # label 0 means B is chosen: the chosen response comes first
-    assert examples[0].responses[0] == encode_response(tok, "HELLO THERE 0")
+    dpo = build_examples(pairs(2), "dpo", tok, max_length=512, seed=0)
+    assert dpo[0].prompt == encode_prompt(tok, PROMPT)
+    assert dpo[0].responses == [encode_response(tok, "hi there 0"), encode_response(tok, "HELLO THERE 0!")]
 
 
 def test_kto_takes_pairs_as_desirable_and_undesirable_with_mismatched_kl_outputs(tiny_model):
+    """Each example's KL partner is another example's output, compared by value; every output is some example's
+    partner exactly once (a derangement), so the reference point averages over the whole round."""
     tok = load_tokenizer(tiny_model)
-    examples = build_examples(pairs(3), "kto", tok, max_length=512, seed=0)
+    feedback = pairs(3)
+    examples = build_examples(feedback, "kto", tok, max_length=512, seed=0)
     assert [e.desirable for e in examples] == [True, False] * 3
+    expected = [encode_response(tok, text) for pair in feedback for text in chosen_rejected(pair)]
     outputs = [e.responses[0] for e in examples]
+    assert outputs == expected and len(set(map(tuple, outputs))) == 6  # six distinct outputs
     for e in examples:
-        assert e.kl_response in outputs and e.kl_response is not e.responses[0]
+        assert e.kl_response != e.responses[0] and e.kl_response in outputs
+    assert sorted(e.kl_response for e in examples) == sorted(outputs)
 
 
 def test_pairwise_loss_refuses_binary_feedback(tiny_model):
@@ -149,3 +194,155 @@ def test_grpo_trains_on_scored_groups(tiny_model, tmp_path):
     assert log[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # the policy is the reference before the update
     with pytest.raises(TrainingError, match="scored samples"):
         build_examples(pairs(2), "grpo", load_tokenizer(tiny_model), 512, 0)
+
+
+# ---- every loss wired end to end: `loss_on_batch` equals the pure loss fed with log-probs computed here ----
+
+# How each loss takes a response's log-prob, as its paper and TRL do: summed over tokens, or averaged.
+AVERAGED = {"dpo": False, "ipo": True, "simpo": True, "slic": False, "orpo": True, "sft": False, "kto": False}
+
+
+@pytest.fixture(scope="module")
+def moved_policy(tiny_model, tmp_path_factory) -> str:
+    """The tiny model with every weight nudged: a policy that differs from its reference (the tiny model), so
+    that log-ratios are not zero and a swapped or mis-scaled input changes the loss."""
+    from safetensors.torch import save_file
+
+    folder = tmp_path_factory.mktemp("moved-policy")
+    shutil.copytree(tiny_model, folder, dirs_exist_ok=True)
+    g = torch.Generator().manual_seed(1)
+    weights = {k: (v + 0.05 * torch.randn(v.shape, generator=g)).contiguous()
+               for k, v in load_file(str(folder / "model.safetensors")).items()}
+    save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    return str(folder)
+
+
+def logps_by_hand(model, prompt: list[int], response: list[int]) -> list[float]:
+    """Log-probs of each response token after the prompt: one unpadded sequence, log-softmax in float64."""
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + response])).logits[0].double()
+    logps = logits - logits.logsumexp(-1, keepdim=True)
+    return [float(logps[len(prompt) + k - 1, t]) for k, t in enumerate(response)]
+
+
+def f64(values) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("loss", ["dpo", "ipo", "simpo", "slic", "orpo", "sft"])
+def test_pairwise_losses_take_the_right_log_probs(loss, tiny_model, moved_policy):
+    """chosen and rejected in the right order, summed or averaged as the loss needs, the reference at the same
+    scale: the trainer's loss equals the pure function fed with log-probs computed one sequence at a time."""
+    tok = load_tokenizer(tiny_model)
+    feedback = pairs(4)
+    examples = build_examples(feedback, loss, tok, 512, seed=0)
+    if LOSSES[loss].needs_reference:  # in batches of 3, so one batch is padded and one is not full
+        compute_reference_logps(examples, tiny_model, "float32", 3, tok.pad_token_id, False, False)
+    policy, reference = load_causal_lm(moved_policy).eval(), load_causal_lm(tiny_model).eval()
+    losses, _ = loss_on_batch(loss, LOSSES[loss].defaults, policy, examples, tok.pad_token_id)
+
+    prompt = encode_prompt(tok, PROMPT)
+
+    def logp(model, text):
+        per_token = logps_by_hand(model, prompt, encode_response(tok, text))
+        return sum(per_token) / (len(per_token) if AVERAGED[loss] else 1)
+
+    chosen, rejected = zip(*map(chosen_rejected, feedback))
+    pc, pr = f64([logp(policy, t) for t in chosen]), f64([logp(policy, t) for t in rejected])
+    if loss == "sft":
+        expected, _ = sft_loss(pc, f64([len(encode_response(tok, t)) for t in chosen]))
+    elif loss in ("simpo", "orpo"):
+        expected = {"simpo": simpo_loss, "orpo": orpo_loss}[loss](pc, pr)[0]
+    else:
+        rc, rr = f64([logp(reference, t) for t in chosen]), f64([logp(reference, t) for t in rejected])
+        expected = {"dpo": dpo_loss, "ipo": ipo_loss, "slic": slic_loss}[loss](pc, pr, rc, rr)[0]
+    assert losses.shape == (4,)
+    torch.testing.assert_close(losses.double(), expected, atol=2e-4, rtol=1e-4)
+
+
+def test_kto_takes_its_outputs_and_mismatched_partners(tiny_model, moved_policy):
+    """Here the nudged model is the reference: the policy then gives the partners more probability than the
+    reference does, so z0 > 0 and is not clamped away, and a wrong partner would change the loss."""
+    tok = load_tokenizer(tiny_model)
+    feedback = pairs(3)
+    examples = build_examples(feedback, "kto", tok, 512, seed=0)
+    compute_reference_logps(examples, moved_policy, "float32", 4, tok.pad_token_id, False, False)
+    policy, reference = load_causal_lm(tiny_model).eval(), load_causal_lm(moved_policy).eval()
+    losses, metrics = loss_on_batch("kto", LOSSES["kto"].defaults, policy, examples, tok.pad_token_id)
+
+    prompt = encode_prompt(tok, PROMPT)
+    outputs = [encode_response(tok, text) for pair in feedback for text in chosen_rejected(pair)]
+    desirable = torch.tensor([True, False] * 3)
+    partners = [e.kl_response for e in examples]  # which output is each one's partner is checked above
+    logp = lambda model, responses: f64([sum(logps_by_hand(model, prompt, r)) for r in responses])  # noqa: E731
+    expected, _, kl = kto_loss(logp(policy, outputs), logp(reference, outputs), logp(policy, partners),
+                               logp(reference, partners), desirable)
+    assert float(kl) > 0.05
+    torch.testing.assert_close(losses.double(), expected, atol=2e-4, rtol=1e-4)
+    assert metrics["kl"] == pytest.approx(float(kl), abs=1e-4)
+
+
+def test_grpo_takes_per_token_log_probs_and_group_advantages(tiny_model, moved_policy):
+    tok = load_tokenizer(tiny_model)
+    scored = [{"prompt_id": "a", "sample_id": i, "prompt": PROMPT, "output": o, "reward": r}
+              for i, (o, r) in enumerate([("hi there friend", 1.0), ("HI", 0.0), ("hey", 0.5)])]
+    examples = build_examples(scored, "grpo", tok, 512, 0)
+    compute_reference_logps(examples, tiny_model, "float32", 4, tok.pad_token_id, False, False, per_token=True)
+    policy, reference = load_causal_lm(moved_policy).eval(), load_causal_lm(tiny_model).eval()
+    losses, _ = loss_on_batch("grpo", LOSSES["grpo"].defaults, policy, examples, tok.pad_token_id)
+
+    prompt = encode_prompt(tok, PROMPT)
+    responses = [encode_response(tok, "hi there friend"), encode_response(tok, "HI")]  # "hey" is the mean: no signal
+    width = max(map(len, responses))
+    padded = lambda rows: f64([row + [0.0] * (width - len(row)) for row in rows])  # noqa: E731
+    mask = torch.tensor([[k < len(r) for k in range(width)] for r in responses])
+    advantage = 0.5 / (0.5 + 1e-4)  # rewards 1 and 0 around the group mean 0.5, sample std 0.5
+    expected, _, _ = grpo_loss(padded([logps_by_hand(policy, prompt, r) for r in responses]), mask,
+                               f64([advantage, -advantage]),
+                               reference_logps=padded([logps_by_hand(reference, prompt, r) for r in responses]))
+    torch.testing.assert_close(losses.double(), expected, atol=2e-4, rtol=1e-4)
+
+
+KTO_WORKER = """
+import json, sys
+import torch
+import alignloop.stages.train as train
+from alignloop.logprobs import sequence_logps
+
+feedback, policy, reference, out = sys.argv[1:5]
+seen, real = [], train.loss_on_batch
+
+def spy(loss, params, model, batch, pad_id, kl_override=None):
+    # this process's own estimate of the reference point, from its own micro-batch
+    with torch.no_grad():
+        kl_logps, _ = sequence_logps(model, [e.prompt for e in batch], [e.kl_response for e in batch], pad_id)
+    local = float((kl_logps - torch.tensor([e.reference[1] for e in batch])).mean())
+    seen.append({"used": float(kl_override), "local": local})
+    return real(loss, params, model, batch, pad_id, kl_override=kl_override)
+
+train.loss_on_batch = spy
+records = [json.loads(line) for line in open(feedback)]
+config = train.TrainConfig(loss="kto", lr=1e-3, batch_size=2, epochs=1)
+train.train_round(records, policy=policy, reference=reference, out_dir=out + "/ckpt", resume=None, config=config,
+                  progress=False)
+rank = torch.distributed.get_rank()
+open(f"{out}/rank{rank}.json", "w").write(json.dumps(seen))
+"""
+
+
+@pytest.mark.requires(launcher_problem())
+def test_two_process_kto_steps_share_one_reference_point(tiny_model, moved_policy, tmp_path):
+    """Under data parallelism KTO's reference point z0 is the mean of the processes' estimates, the same
+    number on every process (TRL and HALOs gather it too), not each process's own."""
+    feedback = tmp_path / "feedback.jsonl"
+    feedback.write_text("".join(json.dumps(p) + "\n" for p in pairs(4)))
+    worker = tmp_path / "worker.py"
+    worker.write_text(textwrap.dedent(KTO_WORKER))
+    result = subprocess.run([*torchrun(2), str(worker), str(feedback), moved_policy, tiny_model, str(tmp_path)],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rank0, rank1 = (json.loads((tmp_path / f"rank{k}.json").read_text()) for k in (0, 1))
+    assert len(rank0) == len(rank1) == 2  # 8 examples in batches of 2: two steps per process
+    for a, b in zip(rank0, rank1):
+        assert a["local"] != pytest.approx(b["local"], abs=1e-3)  # the processes' own estimates differ...
+        assert a["used"] == b["used"] == pytest.approx((a["local"] + b["local"]) / 2, abs=1e-5)  # ...one z0 is used

