@@ -8,6 +8,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from alignloop.config import load_config
 from alignloop.loop import format_table, run_loop
 from alignloop.records import read_records
@@ -74,14 +76,69 @@ def test_resume_refuses_a_different_config(tiny_model, tmp_path):
         run_loop(load_config(None, overrides + ["optim.lr=0.5"]), progress=False)
 
 
-def _cli(run_dir, tiny_model):
-    args = [a for o in tiny_run_overrides(run_dir, tiny_model) for a in ("--set", o)]
+def _cli(run_dir, tiny_model, *extra):
+    args = [a for o in tiny_run_overrides(run_dir, tiny_model) + list(extra) for a in ("--set", o)]
     return [sys.executable, "-m", "alignloop", "--no-progress", "run", *args]
 
 
-def test_kill_9_mid_round_then_rerun_gives_the_same_records(tiny_model, tmp_path):
-    """A run killed with SIGKILL in the middle of round 1 and started again ends with exactly the records
-    (and weights) of a run that never stopped."""
+# Batches of 6 sequences: round 0's and round 1's sampling take 3 batches each (6 prompts x 3 samples), each
+# held-out evaluation 1 (6 prompts x 1), so that crash points inside sampling have somewhere to be.
+SMALL_BATCHES = "sampler.batch_size=6"
+
+
+def _manifest_rounds(run_dir: Path) -> dict:
+    return json.loads((run_dir / "manifest.json").read_text())["rounds"]
+
+
+# (crash point, what the run directory shows at that moment). Counts are per process: `mark_done.eval` is
+# reached first for the SFT evaluation, `sample.batch` in the order SFT eval (1), round 0 (3), its eval (1),
+# round 1 (3): #7 is in the middle of round 1's sampling.
+KILL_POINTS = {
+    "checkpoint.tmp#1": lambda d: (d / "rounds/r000/checkpoint.tmp/model.safetensors").exists()
+                                   and not (d / "rounds/r000/checkpoint").exists(),
+    "checkpoint.tmp#2": lambda d: (d / "rounds/r001/checkpoint.tmp/model.safetensors").exists()
+                                   and not (d / "rounds/r001/checkpoint.tmp/training_state").exists(),
+    "sample.batch#7": lambda d: "eval" in _manifest_rounds(d)["0"] and not (d / "rounds/r001/samples.jsonl").exists(),
+    "mark_done.sample#2": lambda d: (d / "rounds/r001/samples.jsonl").exists() and "1" not in _manifest_rounds(d),
+    "mark_done.label#2": lambda d: (d / "rounds/r001/scored.jsonl").exists() and "label" not in _manifest_rounds(d)["1"],
+    "mark_done.feedback#2": lambda d: (d / "rounds/r001/feedback.jsonl").exists()
+                                       and "feedback" not in _manifest_rounds(d)["1"],
+    "mark_done.train#2": lambda d: (d / "rounds/r001/checkpoint/training_state").is_dir()
+                                    and "train" not in _manifest_rounds(d)["1"],
+    "mark_done.eval#3": lambda d: (d / "rounds/r001/heldout.jsonl").exists() and "eval" not in _manifest_rounds(d)["1"],
+}
+
+
+@pytest.fixture(scope="module")
+def clean_run(tiny_model, tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("clean") / "run"
+    subprocess.run(_cli(run_dir, tiny_model, SMALL_BATCHES), check=True, capture_output=True)
+    return run_dir
+
+
+@pytest.mark.parametrize("point", list(KILL_POINTS))
+def test_kill_9_at_each_crash_point_then_rerun_gives_the_same_records(point, clean_run, tiny_model, tmp_path):
+    """A run SIGKILLed at an exact moment (`alignloop.faults`) and started again with the same command ends
+    with exactly the records and weights of a run that never stopped, and leaves no temporary files."""
+    killed = tmp_path / "killed"
+    crashed = subprocess.run(_cli(killed, tiny_model, SMALL_BATCHES), env={**os.environ, "ALIGNLOOP_CRASH_AT": point},
+                             capture_output=True, text=True, timeout=600)
+    assert crashed.returncode == -signal.SIGKILL, crashed.stderr[-3000:]
+    assert KILL_POINTS[point](killed)  # it died where it was meant to
+
+    result = subprocess.run(_cli(killed, tiny_model, SMALL_BATCHES), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_same_run(killed, clean_run)
+
+
+def assert_same_run(resumed: Path, clean: Path) -> None:
+    assert record_files(resumed) == record_files(clean)
+    assert stage_hashes(resumed) == stage_hashes(clean)
+    assert not list(resumed.glob("**/*.tmp")) and not list(resumed.glob("**/.*.tmp"))
+
+
+def test_kill_9_at_a_random_moment_of_round_1_then_rerun_gives_the_same_records(tiny_model, tmp_path):
+    """The same, with the kill sent from outside while round 1 runs, as a user's kill -9 would be."""
     clean, killed = tmp_path / "clean", tmp_path / "killed"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     subprocess.run(_cli(clean, tiny_model), check=True, env=env, capture_output=True)
@@ -96,11 +153,7 @@ def test_kill_9_mid_round_then_rerun_gives_the_same_records(tiny_model, tmp_path
     assert not (killed / "rounds/r001/heldout.jsonl").exists()
     result = subprocess.run(_cli(killed, tiny_model), env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
-
-    assert record_files(killed) == record_files(clean)
-    a, b = stage_hashes(killed), stage_hashes(clean)
-    assert a == b
-    assert not list(killed.glob("**/*.tmp")) and not list(killed.glob("**/.*.tmp"))
+    assert_same_run(killed, clean)
 
 
 def test_loop_with_kto_on_binary_feedback_and_grpo_on_scored_groups(tiny_model, tmp_path):

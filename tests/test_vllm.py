@@ -302,7 +302,7 @@ def test_kill_9_with_the_vllm_sampler_then_rerun_gives_the_same_records(tmp_path
     import time
 
     import psutil
-    from test_loop import record_files, stage_hashes
+    from test_loop import assert_same_run
 
     def cli(run_dir):
         args = [a for o in _loop_overrides(run_dir, models[0]) + ["sampler.dtype=float32"] for a in ("--set", o)]
@@ -325,5 +325,4 @@ def test_kill_9_with_the_vllm_sampler_then_rerun_gives_the_same_records(tmp_path
     assert alive == []  # the engine went down with the run that started it
     result = subprocess.run(cli(killed), env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert record_files(killed) == record_files(clean)
-    assert stage_hashes(killed) == stage_hashes(clean)
+    assert_same_run(killed, clean)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from .config import Config, ConfigError, dump_config
 from .evaluate import evaluate_policy, mean_reward, paired_difference
+from .faults import crash_point
 from .losses import LOSSES
 from .models import resolve_model_path, weights_sha256
 from .placement import Placement, engine_placement, trainer_on
@@ -83,6 +84,7 @@ class Run:
         return entry
 
     def mark_done(self, r: int | str, name: str, output: Path, info: dict) -> dict:
+        crash_point(f"mark_done.{name}")
         entry = {"status": "done", "output": str(output.relative_to(self.dir)), **info}
         if output.is_file():
             entry["sha256"] = file_sha256(output)

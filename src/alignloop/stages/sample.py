@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from tqdm import tqdm
 
+from ..faults import crash_point
 from ..models import encode_prompt, inference_device, load_causal_lm, load_tokenizer
 
 
@@ -69,6 +70,7 @@ def generate(
         for row, i in enumerate(batch):
             for j in range(n):
                 results[i].append(_decode(tokenizer, generated[row * n + j].tolist(), eos_ids, stop, len(encoded[i])))
+        crash_point("sample.batch")
     return results
 
 

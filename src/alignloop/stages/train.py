@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from ..faults import crash_point
 from ..logprobs import response_token_logps, sequence_logps
 from ..losses import LOSSES, group_advantages, mismatched_indices
 from ..models import encode_prompt, encode_response, inference_device, load_causal_lm, load_tokenizer
@@ -374,6 +375,7 @@ def save_checkpoint(model, tokenizer, optimizer, scheduler, state: dict, out_dir
     shutil.rmtree(tmp, ignore_errors=True)
     model.config.use_cache = True
     model.save_pretrained(tmp, safe_serialization=True)
+    crash_point("checkpoint.tmp")
     tokenizer.save_pretrained(tmp)
     (tmp / TRAINING_STATE).mkdir()
     save_optimizer(optimizer, tmp / TRAINING_STATE)
