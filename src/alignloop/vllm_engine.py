@@ -34,7 +34,8 @@ def vllm_missing_reason() -> str | None:
     # cast to the engine's bf16; errors still show, and VLLM_LOGGING_LEVEL=INFO brings the rest back.
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
     try:
-        import vllm  # noqa: F401
+        # `import vllm` alone loads lazily and succeeds on a broken install; importing the engine is the test
+        from vllm import LLM, SamplingParams  # noqa: F401
     except Exception as e:  # a broken install fails with other errors than ImportError (torchvision, say)
         return (f"sampler.backend 'vllm' needs vLLM, which cannot be imported ({type(e).__name__}: "
                 f"{str(e).splitlines()[0] if str(e) else ''}); install it with pip install 'alignloop[vllm]' "
