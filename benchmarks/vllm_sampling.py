@@ -79,10 +79,10 @@ def sample_round(engine, prompts: list[dict], r: int, args) -> None:
 def one_round(args) -> None:
     """The hidden `--one-round POLICY --round R` mode: one HALOs-style round in a process of its own, a new
     engine started from the round's checkpoint, that round's sampling, then exit."""
-    from alignloop.config import SamplerConfig
-    from alignloop.vllm_engine import VLLMEngine
+    from alignloop.config import VLLMSamplerConfig
+    from alignloop.sampling.vllm_engine import VLLMEngine
 
-    engine = VLLMEngine(args.one_round, SamplerConfig(**SAMPLER), seed=0)
+    engine = VLLMEngine(args.one_round, VLLMSamplerConfig(**SAMPLER), seed=0)
     sample_round(engine, load_prompts(args.prompts), args.round, args)
     engine.close()
 
@@ -141,15 +141,15 @@ def main() -> None:
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
-    from alignloop.config import SamplerConfig
+    from alignloop.config import VLLMSamplerConfig
     from alignloop.models import encode_prompt, ensure_default_policy, load_causal_lm, load_tokenizer
-    from alignloop.stages.sample import generate as hf_generate
-    from alignloop.vllm_engine import VLLMEngine, _prompt_seed
+    from alignloop.sampling.hf import generate as hf_generate
+    from alignloop.sampling.vllm_engine import VLLMEngine, _prompt_seed
 
     sft = str(ensure_default_policy())
     round_prompts = load_prompts(args.prompts)
     prompts = round_prompts[: args.prompts]  # comparisons 1 and 3: round 0's prompts
-    sampler = SamplerConfig(**SAMPLER)
+    sampler = VLLMSamplerConfig(**SAMPLER)
     work = sampling_work(args)
     rows = []
 

@@ -51,7 +51,7 @@ def pytest_runtest_setup(item):
 
 @functools.cache
 def vllm_problem() -> str | None:
-    from alignloop.vllm_engine import vllm_missing_reason
+    from alignloop.sampling.vllm_engine import vllm_missing_reason
 
     reason = vllm_missing_reason()
     return None if reason is None else f"a working vLLM: {reason}"

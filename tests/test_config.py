@@ -1,3 +1,5 @@
+import re
+
 import pytest
 
 from alignloop.config import ConfigError, dump_config, load_config
@@ -68,3 +70,38 @@ def test_missing_and_malformed_config_files(tmp_path):
         load_config(write(tmp_path, "optim: [1, 2\n"))
     with pytest.raises(ConfigError, match="must be a mapping"):
         load_config(write(tmp_path, "- 1\n- 2\n"))
+
+
+def test_sampler_and_labeler_are_one_of_several_kinds():
+    """`backend` and `kind` pick the section's class; a key of another kind names the kind it needs."""
+    from alignloop.config import CallableLabelerConfig, HFSamplerConfig, JudgeConfig, RewardModelConfig, VLLMSamplerConfig
+
+    config = load_config(None)
+    assert type(config.sampler) is HFSamplerConfig and type(config.labeler) is CallableLabelerConfig
+    assert type(load_config(None, ["sampler.backend=vllm"]).sampler) is VLLMSamplerConfig
+    judge = load_config(None, ["labeler.kind=judge", "labeler.base_url=http://h/v1", "labeler.model=m"]).labeler
+    assert type(judge) is JudgeConfig and judge.max_concurrency == 8
+    assert type(load_config(None, ["labeler.kind=reward_model", "labeler.path=/rm"]).labeler) is RewardModelConfig
+    for bad, message in ((["sampler.backend=vllm", "sampler.batch_size=4"], "sampler: batch_size needs backend 'hf'"),
+                         (["labeler.base_url=http://h/v1"], "labeler: base_url needs kind 'judge'"),
+                         (["labeler.kind=oracle"], "labeler.kind: unknown value 'oracle'; choose one of 'callable', 'judge', 'reward_model'"),
+                         (["sampler.backend=jax"], "sampler.backend: unknown value 'jax'")):
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            load_config(None, bad)
+
+
+def test_a_verb_takes_its_sections_alone(tmp_path):
+    """A stage verb validates only the sections it uses: one sample per prompt is fine for `sample`, though a run
+    with pairwise feedback refuses it; flags (typed `values`) win over --set, which wins over the file."""
+    from alignloop.config import load_sections
+
+    path = write(tmp_path, "samples_per_prompt: 1\nsampler:\n  temperature: 0.7\n  top_p: 0.9\n")
+    with pytest.raises(ConfigError, match="pairwise feedback needs samples_per_prompt >= 2"):
+        load_config(path)
+    c = load_sections(path, ["sampler.top_p=0.8"], {"sampler.max_new_tokens": 9}, ("sampler", "samples_per_prompt", "seed"))
+    assert c["samples_per_prompt"] == 1 and c["seed"] == 0
+    assert (c["sampler"].temperature, c["sampler"].top_p, c["sampler"].max_new_tokens) == (0.7, 0.8, 9)
+    with pytest.raises(ConfigError, match=f"{path}: loss: unknown loss 'dpoo'; choose one of dpo, grpo"):
+        load_sections(path, [], {"loss.name": "dpoo"}, ("loss",))
+    with pytest.raises(ConfigError, match="samplr: unknown key"):
+        load_sections(None, ["samplr.top_p=0.5"], {}, ("sampler",))

@@ -22,7 +22,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from alignloop.config import ConfigError, LabelerConfig, dump_config, load_config
+from alignloop.config import ConfigError, JudgeConfig, dump_config, load_config
 from alignloop.rewards import make_labeler
 from alignloop.rewards.judge import JudgeLabeler, judge_pairs, parse_score, parse_verdict
 from alignloop.stages.label import label_records
@@ -114,8 +114,8 @@ def server():
     s.close()
 
 
-def judge_config(server, **extra) -> LabelerConfig:
-    return LabelerConfig(kind="judge", base_url=server.base_url, model="judge-model", api_key_env="ALIGNLOOP_TEST_JUDGE_KEY",
+def judge_config(server, **extra) -> JudgeConfig:
+    return JudgeConfig(base_url=server.base_url, model="judge-model", api_key_env="ALIGNLOOP_TEST_JUDGE_KEY",
                          timeout=0.5, max_retries=2, max_concurrency=4, price_in_per_million=2.0,
                          price_out_per_million=10.0, **extra)
 
@@ -199,7 +199,7 @@ def test_the_key_reaches_no_file_of_a_real_run_and_no_console_output(server, tin
     directory and nowhere in what the program printed."""
     run_dir = tmp_path / "run"
     server.vary = True  # scores that differ, so there are pairs and the rounds train
-    overrides = tiny_run_overrides(run_dir, tiny_model) + [
+    overrides = [o for o in tiny_run_overrides(run_dir, tiny_model) if not o.startswith("labeler.")] + [
         "labeler.kind=judge", f"labeler.base_url={server.base_url}", "labeler.model=judge-model",
         "labeler.api_key_env=ALIGNLOOP_TEST_JUDGE_KEY", "labeler.timeout=5"]
     env = {**os.environ, "ALIGNLOOP_TEST_JUDGE_KEY": KEY, "ALIGNLOOP_DEBUG": "1"}  # tracebacks too, if any
@@ -219,6 +219,24 @@ def test_the_key_reaches_no_file_of_a_real_run_and_no_console_output(server, tin
         assert KEY.encode() not in path.read_bytes(), path
     assert KEY not in result.stdout and KEY not in result.stderr
     assert "ALIGNLOOP_TEST_JUDGE_KEY" in (run_dir / "config.yaml").read_text()  # the variable's name is kept
+
+
+def test_the_label_verb_runs_the_judge_from_a_config_file(server, tmp_path):
+    """`alignloop label --config cfg.yaml` takes the config's labeler section, so the verb labels with a judge as
+    the loop does; its answers are cached beside the output, so a repeat asks nothing."""
+    (tmp_path / "samples.jsonl").write_text("".join(json.dumps(sample(i, f"Answer {i} score={i + 2}")) + "\n" for i in range(4)))
+    (tmp_path / "cfg.yaml").write_text(f"labeler:\n  kind: judge\n  base_url: {server.base_url}\n  model: judge-model\n"
+                                       "  api_key_env: ALIGNLOOP_TEST_JUDGE_KEY\n")
+    env = {**os.environ, "ALIGNLOOP_TEST_JUDGE_KEY": KEY}
+    command = [sys.executable, "-m", "alignloop", "--no-progress", "label", str(tmp_path / "samples.jsonl"), "--out",
+               str(tmp_path / "scored.jsonl"), "--config", str(tmp_path / "cfg.yaml"), "--batch-size", "2"]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr
+    scored = [json.loads(line) for line in (tmp_path / "scored.jsonl").read_text().splitlines()]
+    assert [r["reward"] for r in scored] == [2.0, 3.0, 4.0, 5.0] and scored[0]["judge"]["model"] == "judge-model"
+    assert len(server.requests) == 4 and (tmp_path / "judge_cache.jsonl").exists()
+    assert subprocess.run(command, capture_output=True, text=True, env=env, timeout=300).returncode == 0
+    assert len(server.requests) == 4
 
 
 def test_dropped_connection_retried_400_not(server, tmp_path, monkeypatch):
@@ -322,5 +340,5 @@ def test_judge_config_is_validated_and_callable_config_unchanged(tmp_path):
     assert "Final Score: X" in dump_config(judge)  # the rubric in effect is saved with the run
     (tmp_path / "c.yaml").write_text(dump_config(judge))
     assert load_config(tmp_path / "c.yaml") == judge  # and a resumed run reads back the same config
-    # a callable labeler's saved config is what it was before the judge existed, so old runs still resume
+    # a callable labeler is saved as it always was
     assert "labeler:\n  kind: callable\n  function: alignloop.rewards.ifeval:ifeval_reward\n  batch_size: 64\nfeedback:" in dump_config(load_config(None))

@@ -71,7 +71,7 @@ def vllm_server(smollm2_path, tmp_path_factory):
 
 
 def test_judge_labels_16_samples_through_vllm_serve(vllm_server, tmp_path):
-    from alignloop.config import LabelerConfig
+    from alignloop.config import JudgeConfig
     from alignloop.prompts.builtin import builtin_prompts
     from alignloop.rewards import make_labeler
     from alignloop.stages.label import label_records
@@ -82,7 +82,7 @@ def test_judge_labels_16_samples_through_vllm_serve(vllm_server, tmp_path):
         for p in prompts
         for i, output in enumerate(["Here is my answer, following every instruction.", "no"])
     ]
-    config = LabelerConfig(kind="judge", base_url=vllm_server, model="smollm2", max_tokens=48, max_concurrency=8,
+    config = JudgeConfig(base_url=vllm_server, model="smollm2", max_tokens=48, max_concurrency=8,
                            timeout=120)
     labeler = make_labeler(config, tmp_path)
     scored, counts = label_records(samples, labeler, progress=None)

@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from alignloop.config import load_config
-from alignloop.loop import format_table, run_loop
+from alignloop.config import ConfigError, load_config
+from alignloop.loop import Run, run_loop
+from alignloop.table import format_table
 from alignloop.records import read_records
 from conftest import tiny_run_overrides
 
@@ -68,12 +69,34 @@ def test_resume_refuses_a_different_config(tiny_model, tmp_path):
     run_dir = tmp_path / "run"
     overrides = tiny_run_overrides(run_dir, tiny_model) + ["total_prompts=6"]
     run_loop(load_config(None, overrides), progress=False)
-    import pytest
-
-    from alignloop.config import ConfigError
-
     with pytest.raises(ConfigError, match="different configuration"):
         run_loop(load_config(None, overrides + ["optim.lr=0.5"]), progress=False)
+
+
+# Config files that release 0.1.0 saved in run directories, and the settings that wrote them.
+RELEASE_0_1_0 = {
+    "default": [],
+    "judge": ["labeler.kind=judge", "labeler.base_url=http://127.0.0.1:8000/v1", "labeler.model=judge",
+              "labeler.api_key_env=JUDGE_KEY"],
+    "reward_model": ["labeler.kind=reward_model", "labeler.path=/models/rm", "labeler.dtype=float32"],
+    "vllm": ["sampler.backend=vllm", "sampler.devices=[1]", "loss.name=kto", "feedback.type=binary",
+             "feedback.threshold=median"],
+}
+
+
+@pytest.mark.parametrize("name", list(RELEASE_0_1_0))
+def test_a_run_directory_of_release_0_1_0_resumes_without_complaint(name, tmp_path, monkeypatch):
+    """Resuming compares parsed configurations, not text: 0.1.0 saved every labeler kind's and sampler backend's
+    fields (a judge's `function`, a vLLM sampler's `batch_size`), and later keys are absent from its files."""
+    monkeypatch.chdir(tmp_path)  # the saved run_dir is runs/default
+    run_dir = tmp_path / "runs" / "default"
+    run_dir.mkdir(parents=True)
+    saved = Path(__file__).parent / "fixtures" / "release_0_1_0" / f"{name}.yaml"
+    (run_dir / "config.yaml").write_bytes(saved.read_bytes())
+    Run(load_config(None, RELEASE_0_1_0[name])).open()
+    assert load_config(run_dir / "config.yaml") == load_config(None, RELEASE_0_1_0[name])  # rewritten, same config
+    with pytest.raises(ConfigError, match="different configuration"):
+        Run(load_config(None, RELEASE_0_1_0[name] + ["optim.lr=0.5"])).open()
 
 
 def _cli(run_dir, tiny_model, *extra):

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from alignloop.config import ConfigError, load_config
-from alignloop.placement import PlacementError, cpu_thread_binding, process_cores, split_devices, trainer_on
+from alignloop.sampling.placement import PlacementError, cpu_thread_binding, process_cores, split_devices, trainer_on
 
 
 def test_gpu_split_engine_gets_its_gpus_trainer_the_first_other():
@@ -55,10 +55,9 @@ def test_cpu_thread_binding_gives_each_tensor_parallel_rank_its_own_cores():
         cpu_thread_binding([0], 2)
 
 
-def test_devices_config_is_validated_and_left_out_of_saved_configs_while_null():
+def test_devices_config_is_validated_and_saved():
     from alignloop.config import dump_config
 
-    assert "devices" not in dump_config(load_config(None, ["sampler.backend=vllm"]))
     assert "devices:\n  - 1" in dump_config(load_config(None, ["sampler.backend=vllm", "sampler.devices=[1]"]))
     for bad, message in ((["sampler.devices=[1]"], "needs backend 'vllm'"),
                          (["sampler.backend=vllm", "sampler.devices=[1, 1]"], "distinct"),

@@ -1,16 +1,19 @@
-"""The Hugging Face sampler on the tiny random model."""
+"""The sample stage with the Hugging Face sampler, on the tiny random model."""
 
+from alignloop.config import HFSamplerConfig
 from alignloop.models import encode_prompt, load_tokenizer
-from alignloop.stages.sample import _decode, sample_records
+from alignloop.sampling import Sampler
+from alignloop.sampling.hf import _decode
+from alignloop.stages.sample import sample_records
 
 PROMPTS = [{"prompt_id": "a", "prompt": [{"role": "user", "content": "hello"}], "keep": 1},
            {"prompt_id": "b", "prompt": [{"role": "user", "content": "a much longer prompt than the first one"}]}]
 
 
-def run(tiny_model, seed, **kw):
-    args = dict(n=3, round_index=2, seed=seed, temperature=1.0, top_p=1.0, max_new_tokens=10, stop=[], batch_size=4,
-                dtype="float32", progress=None)
-    return sample_records(PROMPTS, tiny_model, **{**args, **kw})
+def run(tiny_model, seed, n=3, **sampler):
+    sampler = HFSamplerConfig(**{"temperature": 1.0, "top_p": 1.0, "max_new_tokens": 10, "stop": [], "batch_size": 4,
+                                 "dtype": "float32", **sampler})
+    return sample_records(PROMPTS, tiny_model, Sampler(sampler, seed=0), n=n, round_index=2, seed=seed, progress=None)
 
 
 def test_n_samples_per_prompt_seeded_and_carrying_prompt_fields(tiny_model):

@@ -15,9 +15,10 @@ from safetensors.torch import load_file
 from alignloop.logprobs import sequence_logps
 from alignloop.models import encode_prompt, encode_response, load_causal_lm, load_tokenizer
 from alignloop.losses import dpo_loss, grpo_loss, ipo_loss, kto_loss, orpo_loss, sft_loss, simpo_loss, slic_loss
-from alignloop.stages.sample import generate
-from alignloop.stages.train import (LOSSES, TrainConfig, TrainingError, build_examples, compute_reference_logps,
-                                    loss_on_batch, train_round)
+from alignloop.sampling.hf import generate
+from alignloop.config import LossConfig, OptimConfig
+from alignloop.stages.train import (LOSSES, TrainingError, build_examples, compute_reference_logps, loss_on_batch,
+                                    train_round)
 from conftest import launcher_problem, torchrun
 
 PROMPT = [{"role": "user", "content": "Say hi in lowercase."}]
@@ -110,22 +111,24 @@ def test_pairwise_loss_refuses_binary_feedback(tiny_model):
         build_examples(binary, "dpo", tok, 512, 0)
 
 
-def _config(**kw):
-    return TrainConfig(**{"loss": "dpo", "lr": 1e-3, "batch_size": 2, "epochs": 1, "warmup_steps": 3, **kw})
+def _config(loss="dpo", loss_params=None, **optim):
+    """The loss and optim sections of a small, fast round (float32 throughout)."""
+    settings = {"lr": 1e-3, "batch_size": 2, "epochs": 1, "warmup_steps": 3, "mixed_precision": "no", **optim}
+    return {"loss": LossConfig(name=loss, **(loss_params or {})), "optim": OptimConfig(**settings)}
 
 
 def test_round_two_resumes_adam_moments_and_scheduler(tiny_model, tmp_path):
     """The second round starts from the first round's Adam moments and scheduler position, not fresh ones."""
     r0, r1, fresh = tmp_path / "r0", tmp_path / "r1", tmp_path / "fresh"
-    train_round(pairs(4), policy=tiny_model, reference=tiny_model, out_dir=r0, resume=None, config=_config(), progress=False)
+    train_round(pairs(4), policy=tiny_model, reference=tiny_model, out_dir=r0, resume=None, **_config(), progress=False)
     state0 = json.loads((r0 / "training_state" / "trainer_state.json").read_text())
     assert state0["global_step"] == 2
     assert json.loads((r0 / "training_state" / "scheduler.json").read_text())["last_epoch"] == 2
     moments0 = load_file(str(r0 / "training_state" / "optimizer.safetensors"))
     assert any(k.endswith("exp_avg_sq") for k in moments0) and all(torch.isfinite(v).all() for v in moments0.values())
 
-    train_round(pairs(4), policy=str(r0), reference=tiny_model, out_dir=r1, resume=r0, config=_config(), round_index=1, progress=False)
-    train_round(pairs(4), policy=str(r0), reference=tiny_model, out_dir=fresh, resume=None, config=_config(), round_index=1, progress=False)
+    train_round(pairs(4), policy=str(r0), reference=tiny_model, out_dir=r1, resume=r0, **_config(), round_index=1, progress=False)
+    train_round(pairs(4), policy=str(r0), reference=tiny_model, out_dir=fresh, resume=None, **_config(), round_index=1, progress=False)
     assert json.loads((r1 / "training_state" / "trainer_state.json").read_text())["global_step"] == 4
     assert json.loads((r1 / "training_state" / "scheduler.json").read_text())["last_epoch"] == 4
     resumed, restarted = load_file(str(r1 / "training_state" / "optimizer.safetensors")), load_file(str(fresh / "training_state" / "optimizer.safetensors"))
@@ -136,7 +139,7 @@ def test_round_two_resumes_adam_moments_and_scheduler(tiny_model, tmp_path):
     assert not torch.allclose(resumed[sq], restarted[sq])
     # warmup of 3 steps: step 4 runs at the full learning rate only when the scheduler position survived
     log = []
-    train_round(pairs(2), policy=str(r1), reference=tiny_model, out_dir=tmp_path / "r2", resume=r1, config=_config(),
+    train_round(pairs(2), policy=str(r1), reference=tiny_model, out_dir=tmp_path / "r2", resume=r1, **_config(),
                 round_index=2, progress=False, log=log.append)
     assert log[0]["lr"] == pytest.approx(1e-3) and log[0]["step"] == 5
 
@@ -145,7 +148,7 @@ def test_training_moves_the_policy_toward_chosen(tiny_model, tmp_path):
     """Several epochs of DPO on one consistent preference raise the chosen-vs-rejected log-ratio margin."""
     log = []
     train_round(pairs(4), policy=tiny_model, reference=tiny_model, out_dir=tmp_path / "c", resume=None,
-                config=_config(epochs=6, warmup_steps=0), progress=False, log=log.append)
+                **_config(epochs=6, warmup_steps=0), progress=False, log=log.append)
     assert log[0]["loss"] == pytest.approx(0.6931, abs=1e-3)  # log 2: policy equals reference before the first step
     assert log[-1]["rewards/margin"] > log[0]["rewards/margin"] + 0.05
     assert log[-1]["loss"] < 0.69
@@ -156,14 +159,14 @@ def test_training_moves_the_policy_toward_chosen(tiny_model, tmp_path):
 def test_nan_loss_stops_with_a_clear_error_and_no_checkpoint(tiny_model, tmp_path):
     with pytest.raises(TrainingError, match="not finite"):
         train_round(pairs(2), policy=tiny_model, reference=tiny_model, out_dir=tmp_path / "n", resume=None,
-                    config=_config(loss_params={"beta": float("nan")}), progress=False)
+                    **_config(loss_params={"beta": float("nan")}), progress=False)
     assert not (tmp_path / "n").exists()
 
 
 def test_kto_round_runs_and_logs_kl(tiny_model, tmp_path):
     log = []
     summary = train_round(pairs(4), policy=tiny_model, reference=tiny_model, out_dir=tmp_path / "k", resume=None,
-                          config=_config(loss="kto"), progress=False, log=log.append)
+                          **_config(loss="kto"), progress=False, log=log.append)
     assert summary["examples"] == 8 and summary["steps"] == 4
     assert log[0]["kl"] == pytest.approx(0.0, abs=1e-5)  # policy equals reference at the first step
 
@@ -173,7 +176,7 @@ def test_every_feedback_loss_trains_a_round(loss, tiny_model, tmp_path):
     """Each loss the config accepts runs a round; losses without a reference skip reference log-probs."""
     log = []
     summary = train_round(pairs(4), policy=tiny_model, reference=str(tmp_path / "no-reference-needed") if loss in ("simpo", "orpo", "sft") else tiny_model,
-                          out_dir=tmp_path / loss, resume=None, config=_config(loss=loss), progress=False, log=log.append)
+                          out_dir=tmp_path / loss, resume=None, **_config(loss=loss), progress=False, log=log.append)
     assert summary["steps"] == len(log) >= 2
     assert all(math.isfinite(row["loss"]) and math.isfinite(row["grad_norm"]) for row in log)
     assert (tmp_path / loss / "model.safetensors").exists()
@@ -189,7 +192,7 @@ def test_grpo_trains_on_scored_groups(tiny_model, tmp_path):
     assert [round(e.advantage, 4) for e in examples] == [round(0.5 / (0.5 + 1e-4), 4), round(-0.5 / (0.5 + 1e-4), 4)]
     log = []
     summary = train_round(scored, policy=tiny_model, reference=tiny_model, out_dir=tmp_path / "g", resume=None,
-                          config=_config(loss="grpo"), progress=False, log=log.append)
+                          **_config(loss="grpo"), progress=False, log=log.append)
     assert summary["examples"] == 2 and summary["steps"] == 1
     assert log[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # the policy is the reference before the update
     with pytest.raises(TrainingError, match="scored samples"):
@@ -322,8 +325,9 @@ def spy(loss, params, model, batch, pad_id, kl_override=None):
 
 train.loss_on_batch = spy
 records = [json.loads(line) for line in open(feedback)]
-config = train.TrainConfig(loss="kto", lr=1e-3, batch_size=2, epochs=1)
-train.train_round(records, policy=policy, reference=reference, out_dir=out + "/ckpt", resume=None, config=config,
+from alignloop.config import LossConfig, OptimConfig
+optim = OptimConfig(lr=1e-3, batch_size=2, epochs=1, warmup_steps=0, mixed_precision="no")
+train.train_round(records, policy=policy, reference=reference, out_dir=out + "/ckpt", resume=None, loss=LossConfig(name="kto"), optim=optim,
                   progress=False)
 rank = torch.distributed.get_rank()
 open(f"{out}/rank{rank}.json", "w").write(json.dumps(seen))

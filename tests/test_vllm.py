@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from alignloop.vllm_engine import vllm_missing_reason
+from alignloop.sampling.vllm_engine import vllm_missing_reason
 from conftest import vllm_problem
 
 needs_vllm = pytest.mark.requires(vllm_problem())
@@ -54,10 +54,10 @@ def models(tmp_path_factory, smollm2_path) -> tuple[str, str]:
 
 @pytest.fixture(scope="module")
 def engine(models):
-    from alignloop.config import SamplerConfig
-    from alignloop.vllm_engine import VLLMEngine
+    from alignloop.config import VLLMSamplerConfig
+    from alignloop.sampling.vllm_engine import VLLMEngine
 
-    e = VLLMEngine(models[0], SamplerConfig(backend="vllm", dtype="float32", max_model_len=512, cpu_kv_cache_gib=0.5), seed=0)
+    e = VLLMEngine(models[0], VLLMSamplerConfig(dtype="float32", max_model_len=512, cpu_kv_cache_gib=0.5), seed=0)
     yield e
     e.close()
 
@@ -126,7 +126,7 @@ def test_a_round_larger_than_one_step_samples_with_seeds(engine, models):
 
 @needs_vllm
 def test_weight_update_in_place_changes_outputs_and_passes_the_sync_check(engine, models):
-    from alignloop.vllm_engine import SamplerError, check_weight_sync
+    from alignloop.sampling.vllm_engine import SamplerError, check_weight_sync
 
     engine.load_weights(models[0])
     before = engine.generate(PROMPTS, 2, 1.0, 1.0, 10, [], seed=5)
@@ -186,7 +186,7 @@ def test_engine_on_its_own_cores_and_the_trainer_on_the_rest(tmp_path, models, m
 
     import alignloop.loop as loop
     from alignloop.config import load_config
-    from alignloop.placement import process_cores
+    from alignloop.sampling.placement import process_cores
 
     cores, threads = sorted(os.sched_getaffinity(0)), torch.get_num_threads()
     engine_core, trainer_cores = cores[-1], cores[:-1]
@@ -248,7 +248,7 @@ def test_sync_check_stops_a_run_whose_engine_kept_the_old_weights(tmp_path, mode
     """A deliberately stale engine (its in-place reload switched off) is caught in round 1."""
     import alignloop.loop as loop
     from alignloop.config import load_config
-    from alignloop.vllm_engine import SamplerError, VLLMEngine
+    from alignloop.sampling.vllm_engine import SamplerError, VLLMEngine
 
     monkeypatch.setattr(VLLMEngine, "load_weights", lambda self, policy: None)
     config = load_config(None, _loop_overrides(tmp_path / "run", models[0]) + ["sampler.dtype=float32"])

@@ -1,5 +1,10 @@
 """The `alignloop` program: one verb per stage, plus `run` for the whole loop.
 
+Each stage verb takes the same configuration sections as the loop: `--config cfg.yaml` (a run's config file)
+and `--set KEY=VALUE`, and its own flags, each a shorthand for one config key (`--temperature` is
+`sampler.temperature`), applied last. So `alignloop label` runs every labeler the loop can, and `alignloop
+sample` takes every sampler setting.
+
 Exit codes: 0 success; 2 bad input (config, record file, model path), with a one-line error naming the
 file, line and field; 3 nothing to do (no prompts / no feedback); 1 any other failure.
 """
@@ -9,28 +14,15 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 EXIT_BAD_INPUT = 2
 EXIT_NOTHING_TO_DO = 3
+CONFIG = "config:"  # the argparse dest prefix of a flag that sets a config key
 
 
 class NothingToDo(Exception):
     pass
-
-
-def _add_sampling_args(p: argparse.ArgumentParser) -> None:
-    from .config import SamplerConfig
-
-    d = SamplerConfig()
-    p.add_argument("--n", type=int, default=4, help="samples per prompt (default 4)")
-    p.add_argument("--temperature", type=float, default=d.temperature)
-    p.add_argument("--top-p", type=float, default=d.top_p)
-    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
-    p.add_argument("--stop", action="append", default=[], help="a stop string (repeatable)")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="sequences per generate call")
-    p.add_argument("--dtype", default=d.dtype, choices=["bfloat16", "float32", "float16"])
-    p.add_argument("--backend", default=d.backend, choices=["hf", "vllm"],
-                   help="hf: transformers generate; vllm: a vLLM engine (pip install 'alignloop[vllm]')")
 
 
 def _at_least(low: int):
@@ -41,6 +33,18 @@ def _at_least(low: int):
         return value
 
     return parse
+
+
+def _setting(p: argparse.ArgumentParser, flag: str, key: str, help: str | None = None, **kw) -> None:
+    """A flag that sets config key `key` (left out: the config file's value, else the key's default)."""
+    if kw.get("action") != "store_const" and "choices" not in kw:
+        kw.setdefault("metavar", flag.lstrip("-").upper().replace("-", "_"))
+    p.add_argument(flag, dest=CONFIG + key, default=None, help=f"{help + '; ' if help else ''}config key {key}", **kw)
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="FILE", help="a run's YAML config file: the verb takes its sections")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. sampler.top_p=0.9")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,42 +59,56 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. optim.lr=1e-5")
     p.add_argument("--run-dir", help="the run directory (same as --set run_dir=...)")
 
-    p = verbs.add_parser("sample", help="sample responses from a policy", description="Sample N responses per prompt.")
+    p = verbs.add_parser("sample", help="sample responses from a policy", description=(
+        "Sample N responses per prompt with the config's sampler section (hf or vllm, every setting)."))
     p.add_argument("prompts", help="prompt file (JSONL, JSON array or Parquet)")
     p.add_argument("--out", required=True, help="samples file to write (JSONL)")
-    p.add_argument("--policy", default="smollm2-135m-instruct", help="model folder (default: the embedded SmolLM2)")
     p.add_argument("--round", type=int, default=0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--trust-remote-code", action="store_true")
-    _add_sampling_args(p)
+    _config_args(p)
+    _setting(p, "--policy", "policy", help="model folder (default: the embedded SmolLM2)")
+    _setting(p, "--seed", "seed", type=int)
+    _setting(p, "--trust-remote-code", "trust_remote_code", action="store_const", const=True)
+    _setting(p, "--n", "samples_per_prompt", type=int, help="samples per prompt (default 4)")
+    _setting(p, "--backend", "sampler.backend", choices=["hf", "vllm"],
+             help="hf: transformers generate; vllm: a vLLM engine (pip install 'alignloop[vllm]')")
+    _setting(p, "--temperature", "sampler.temperature", type=float)
+    _setting(p, "--top-p", "sampler.top_p", type=float)
+    _setting(p, "--max-new-tokens", "sampler.max_new_tokens", type=int)
+    _setting(p, "--stop", "sampler.stop", action="append", help="a stop string (repeatable)")
+    _setting(p, "--batch-size", "sampler.batch_size", type=int, help="hf: sequences per generate call")
+    _setting(p, "--dtype", "sampler.dtype", choices=["bfloat16", "float32", "float16"])
 
-    p = verbs.add_parser("label", help="score samples with a reward function or a reward model", description=(
-        "Add a reward to every sample, from a Python function (--function) or a sequence-classification reward "
-        "model (--reward-model). With a reward model, `torchrun --nproc_per_node N -m alignloop label ...` (or "
-        "`accelerate launch`) scores one shard per process and the main process writes the merged file."))
+    p = verbs.add_parser("label", help="score samples with a reward function, a reward model or an LLM judge", description=(
+        "Add a reward to every sample with the config's labeler section: a Python function (--function), a "
+        "sequence-classification reward model (--reward-model) or an LLM judge (--set labeler.kind=judge ... or "
+        "--config). With a reward model, `torchrun --nproc_per_node N -m alignloop label ...` (or `accelerate "
+        "launch`) scores one shard per process and the main process writes the merged file. A judge keeps its "
+        "answers in judge_cache.jsonl beside the output."))
     p.add_argument("samples", help="samples file")
     p.add_argument("--out", required=True, help="scored samples file to write")
+    _config_args(p)
     source = p.add_mutually_exclusive_group()
-    source.add_argument("--function", default="alignloop.rewards.ifeval:ifeval_reward", help="reward function module:function")
-    source.add_argument("--reward-model", metavar="PATH", help="a reward-model folder (AutoModelForSequenceClassification)")
-    from .config import LabelerConfig
-
-    d = LabelerConfig()
-    p.add_argument("--head", default=d.head, choices=["auto", "single", "two_label"],
-                   help="reward model: auto (1 label: the logit; 2 labels: logits[:, 1]), single or two_label")
-    p.add_argument("--dtype", default=d.dtype, choices=["bfloat16", "float32"], help="reward model weights")
-    p.add_argument("--max-length", type=_at_least(9), default=d.max_length,
-                   help="reward model: tokens per conversation; longer ones lose prompt tokens on the left")
-    p.add_argument("--batch-size", type=_at_least(1), default=d.batch_size, help="reward model: sequences per forward pass")
-    p.add_argument("--trust-remote-code", action="store_true", help="reward model: run the model folder's own code")
+    _setting(source, "--function", "labeler.function", help="reward function module:function (kind callable)")
+    _setting(source, "--reward-model", "labeler.path", metavar="PATH",
+             help="a reward-model folder, AutoModelForSequenceClassification (kind reward_model)")
+    _setting(p, "--head", "labeler.head", choices=["auto", "single", "two_label"],
+             help="reward model: auto (1 label: the logit; 2 labels: logits[:, 1]), single or two_label")
+    _setting(p, "--dtype", "labeler.dtype", choices=["bfloat16", "float32"], help="reward model weights")
+    _setting(p, "--max-length", "labeler.max_length", type=_at_least(9),
+             help="reward model: tokens per conversation; longer ones lose prompt tokens on the left")
+    _setting(p, "--batch-size", "labeler.batch_size", type=_at_least(1), help="samples per labeler call (reward model: per forward pass)")
+    _setting(p, "--trust-remote-code", "labeler.trust_remote_code", action="store_const", const=True,
+             help="reward model: run the model folder's own code")
 
     p = verbs.add_parser("feedback", help="turn scored samples into pairwise or binary feedback")
     p.add_argument("scored", help="scored samples file")
     p.add_argument("--out", required=True, help="feedback file to write")
-    p.add_argument("--type", default="pairwise", choices=["pairwise", "binary"])
-    p.add_argument("--mode", default="max", choices=["random", "max", "min"], help="pairing (pairwise)")
-    p.add_argument("--threshold", default="0", help="pairwise: minimum gap; binary: mean, median or a number")
-    p.add_argument("--seed", type=int, default=0)
+    _config_args(p)
+    _setting(p, "--type", "feedback.type", choices=["pairwise", "binary"])
+    _setting(p, "--mode", "feedback.mode", choices=["random", "max", "min"], help="pairing (pairwise)")
+    _setting(p, "--threshold", "feedback.threshold", type=_number_or_word,
+             help="pairwise: minimum gap; binary: mean, median or a number")
+    _setting(p, "--seed", "seed", type=int)
 
     p = verbs.add_parser("train-rm", help="train a Bradley-Terry reward model on pairwise feedback", description=(
         "Add a scalar head to a causal LM and train it on pairwise feedback (contract format, HALOs JSON or TRL "
@@ -109,31 +127,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--trust-remote-code", action="store_true")
 
-    p = verbs.add_parser("train", help="train a policy on one round of feedback")
+    p = verbs.add_parser("train", help="train a policy on one round of feedback", description=(
+        "Train the policy on one round of feedback with the config's loss and optim sections."))
     p.add_argument("feedback", help="feedback file (contract format, HALOs JSON, or TRL prompt/chosen/rejected); "
                    "scored samples for --loss grpo")
     p.add_argument("--out", required=True, help="checkpoint folder to write")
-    p.add_argument("--policy", default="smollm2-135m-instruct", help="policy weights to start from")
-    p.add_argument("--reference", help="reference model (default: the policy)")
-    p.add_argument("--resume", help="a checkpoint folder whose optimizer and scheduler state to resume")
-    p.add_argument("--loss", default="dpo")
-    p.add_argument("--param", action="append", default=[], metavar="NAME=VALUE", help="loss hyperparameter, e.g. beta=0.1")
+    p.add_argument("--resume", help="a checkpoint folder whose weights, optimizer and scheduler state to resume")
     p.add_argument("--round", type=int, default=0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--trust-remote-code", action="store_true")
+    _config_args(p)
+    p.add_argument("--param", action="append", default=[], metavar="NAME=VALUE", help="loss hyperparameter, e.g. beta=0.1")
+    _setting(p, "--policy", "policy", help="policy weights to start from")
+    _setting(p, "--reference", "reference", help="reference model (default: the policy)")
+    _setting(p, "--seed", "seed", type=int)
+    _setting(p, "--trust-remote-code", "trust_remote_code", action="store_const", const=True)
+    _setting(p, "--loss", "loss.name")
     from .config import OptimConfig
 
-    d = OptimConfig()
-    for name in ("lr", "weight_decay", "warmup_steps", "batch_size", "gradient_accumulation_steps", "epochs", "max_grad_norm", "max_length"):
-        p.add_argument("--" + name.replace("_", "-"), type=type(getattr(d, name)), default=getattr(d, name))
-    p.add_argument("--mixed-precision", default=d.mixed_precision, choices=["no", "bf16"])
+    for name, field in OptimConfig.model_fields.items():
+        if field.annotation in (int, float):
+            _setting(p, "--" + name.replace("_", "-"), "optim." + name, type=field.annotation)
+    _setting(p, "--mixed-precision", "optim.mixed_precision", choices=["no", "bf16"])
+    _setting(p, "--dtype", "optim.dtype", choices=["float32", "bfloat16"], help="the weights' dtype while training")
     return parser
+
+
+def _number_or_word(text: str):
+    try:
+        return float(text)
+    except ValueError:
+        return text
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return _dispatch(args)
+        return VERBS[args.verb](args, not args.no_progress)
     except NothingToDo as e:
         print(f"alignloop: nothing to do: {e}", file=sys.stderr)
         return EXIT_NOTHING_TO_DO
@@ -152,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(e, (ConfigError, RecordError, ModelError, TrainingError, ValueError, FileNotFoundError)):
             print(f"alignloop: error: {message}", file=sys.stderr)
             return EXIT_BAD_INPUT
-        from .vllm_engine import SamplerError
+        from .sampling import SamplerError
 
         if isinstance(e, SamplerError):
             print(f"alignloop: error: {message}", file=sys.stderr)
@@ -161,115 +189,72 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
-def _dispatch(args) -> int:
-    progress = not args.no_progress
-    if args.verb == "run":
-        from .config import load_config
-        from .loop import format_table, run_loop
+def _sections(args, *names: str, extra: dict | None = None) -> dict:
+    """The config sections a verb needs, from --config, --set and its own flags (which win)."""
+    from .config import load_sections
 
-        overrides = list(args.set) + ([f"run_dir={args.run_dir}"] if args.run_dir else [])
-        config = load_config(args.config, overrides)
-        manifest = run_loop(config, progress=progress)
-        print(format_table(config.run_dir))
-        if manifest["summary"]["rounds"] == 0:
-            raise NothingToDo("no prompts for a first round")
-        return 0
-
-    if args.verb == "sample":
-        from .records import read_prompts, write_records
-        from .stages.sample import sample_records
-
-        prompts = read_prompts(args.prompts)
-        if not prompts:
-            raise NothingToDo(f"{args.prompts} holds no prompts")
-        engine = None
-        if args.backend == "vllm":
-            from .config import SamplerConfig
-            from .vllm_engine import VLLMEngine
-
-            engine = VLLMEngine(args.policy, SamplerConfig(backend="vllm", dtype=args.dtype), args.seed, args.trust_remote_code)
-        records = sample_records(
-            prompts, args.policy, n=args.n, round_index=args.round, seed=args.seed, temperature=args.temperature,
-            top_p=args.top_p, max_new_tokens=args.max_new_tokens, stop=args.stop, batch_size=args.batch_size,
-            dtype=args.dtype, trust_remote_code=args.trust_remote_code, progress="sample" if progress else None,
-            engine=engine,
-        )
-        write_records(args.out, records)
-        print(f"wrote {len(records)} samples to {args.out}")
-        return 0
-
-    if args.verb == "label" and args.reward_model:
-        return _label_with_reward_model(args, progress)
-
-    if args.verb == "label":
-        from .records import write_records
-        from .rewards import CallableLabeler
-        from .stages.label import label_records, read_samples
-
-        labeler = CallableLabeler(args.function)  # a bad function name fails before any work
-        samples = read_samples(args.samples)
-        if not samples:
-            raise NothingToDo(f"{args.samples} holds no samples")
-        scored, counts = label_records(samples, labeler, progress="label" if progress else None)
-        write_records(args.out, scored)
-        print(f"wrote {len(scored)} scored samples to {args.out} ({counts['failed']} could not be scored)")
-        return 0
-
-    if args.verb == "feedback":
-        from .stages.feedback import feedback_stage
-
-        counts = feedback_stage(args.scored, args.out, args.type, args.mode, args.threshold, args.seed)
-        print(f"wrote feedback to {args.out}: {counts}")
-        return 0
-
-    if args.verb == "train-rm":
-        from .stages.feedback import read_feedback
-        from .stages.train_rm import train_reward_model
-
-        pairs = [r for path in args.feedback for r in read_feedback(path) if r["type"] == "pairwise_feedback"]
-        if not pairs:
-            raise NothingToDo("no pairwise feedback in " + ", ".join(args.feedback))
-        metrics = train_reward_model(pairs, base=args.base, out_dir=args.out, lr=args.lr, epochs=args.epochs,
-                                     batch_size=args.batch_size, max_length=args.max_length,
-                                     heldout_fraction=args.heldout_fraction, seed=args.seed, train_layers=args.train_layers,
-                                     trust_remote_code=args.trust_remote_code, progress=progress)
-        low, high = metrics["heldout_accuracy_ci95"]
-        print(f"wrote reward model {args.out}: held-out pairwise accuracy {metrics['heldout_accuracy']:.3f} "
-              f"(95% CI {low:.3f} to {high:.3f}, {metrics['heldout_pairs']} pairs)")
-        return 0
-
-    if args.verb == "train":
-        from .config import LossConfig, parse_override
-        from .stages.feedback import read_feedback
-        from .stages.train import TrainConfig, train_round
-
-        params = {}
-        for item in args.param:
-            keys, value = parse_override(item)
-            params[".".join(keys)] = value
-        LossConfig(name=args.loss, **params)  # validates the loss name and its parameters
-        from .losses import LOSSES
-        from .stages.feedback import read_scored
-
-        # GRPO learns from scored groups of samples; the other losses from feedback records
-        feedback = read_scored(args.feedback) if LOSSES[args.loss].feedback == "scored_groups" else read_feedback(args.feedback)
-        if not feedback:
-            raise NothingToDo(f"{args.feedback} holds no feedback")
-        config = TrainConfig(
-            loss=args.loss, loss_params=params, lr=args.lr, weight_decay=args.weight_decay, warmup_steps=args.warmup_steps,
-            batch_size=args.batch_size, gradient_accumulation_steps=args.gradient_accumulation_steps, epochs=args.epochs,
-            max_grad_norm=args.max_grad_norm, max_length=args.max_length, mixed_precision=args.mixed_precision,
-            seed=args.seed,
-        )
-        summary = train_round(feedback, policy=args.resume or args.policy, reference=args.reference or args.policy,
-                              out_dir=args.out, resume=args.resume, config=config, round_index=args.round,
-                              trust_remote_code=args.trust_remote_code, progress=progress)
-        print(f"wrote checkpoint {args.out}: {summary}")
-        return 0
-    raise AssertionError(args.verb)
+    values = {dest[len(CONFIG):]: v for dest, v in vars(args).items() if dest.startswith(CONFIG) and v is not None}
+    return load_sections(args.config, args.set, {**values, **(extra or {})}, names)
 
 
-def _label_with_reward_model(args, progress: bool) -> int:
+def run_verb(args, progress: bool) -> int:
+    from .config import load_config
+    from .loop import run_loop
+    from .table import format_table
+
+    overrides = list(args.set) + ([f"run_dir={args.run_dir}"] if args.run_dir else [])
+    config = load_config(args.config, overrides)
+    manifest = run_loop(config, progress=progress)
+    print(format_table(config.run_dir))
+    if manifest["summary"]["rounds"] == 0:
+        raise NothingToDo("no prompts for a first round")
+    return 0
+
+
+def sample_verb(args, progress: bool) -> int:
+    from .records import read_prompts, write_records
+    from .sampling import Sampler
+    from .sampling.placement import trainer_on
+    from .stages.sample import sample_records
+
+    c = _sections(args, "sampler", "samples_per_prompt", "policy", "seed", "trust_remote_code")
+    prompts = read_prompts(args.prompts)
+    if not prompts:
+        raise NothingToDo(f"{args.prompts} holds no prompts")
+    sampler = Sampler(c["sampler"], c["seed"], c["trust_remote_code"])
+    try:
+        with trainer_on(sampler.placement):
+            records = sample_records(prompts, c["policy"], sampler, n=c["samples_per_prompt"], round_index=args.round,
+                                     seed=c["seed"], progress="sample" if progress else None)
+    finally:
+        sampler.close()
+    write_records(args.out, records)
+    print(f"wrote {len(records)} samples to {args.out}")
+    return 0
+
+
+def label_verb(args, progress: bool) -> int:
+    from .records import write_records
+    from .rewards import make_labeler
+    from .stages.label import BATCHES_PER_CHUNK, label_records, read_samples
+
+    kind = {"labeler.kind": "reward_model"} if getattr(args, CONFIG + "labeler.path") else \
+        {"labeler.kind": "callable"} if getattr(args, CONFIG + "labeler.function") else {}
+    config = _sections(args, "labeler", extra=kind)["labeler"]
+    if config.kind == "reward_model":
+        return _label_with_reward_model(args, config, progress)
+    labeler = make_labeler(config, Path(args.out).parent)  # a bad function name or key fails before any work
+    samples = read_samples(args.samples)
+    if not samples:
+        raise NothingToDo(f"{args.samples} holds no samples")
+    scored, counts = label_records(samples, labeler, BATCHES_PER_CHUNK * config.batch_size,
+                                   progress="label" if progress else None)
+    write_records(args.out, scored)
+    print(f"wrote {len(scored)} scored samples to {args.out} ({counts['failed']} could not be scored)")
+    return 0
+
+
+def _label_with_reward_model(args, config, progress: bool) -> int:
     """The label verb with a reward model, in one process or many (torchrun / accelerate launch): each
     process scores a shard, all results are gathered in input order, and only the main process writes."""
     import torch
@@ -284,10 +269,8 @@ def _label_with_reward_model(args, progress: bool) -> int:
         raise NothingToDo(f"{args.samples} holds no samples")
     state = PartialState(cpu=not torch.cuda.is_available())
     try:
-        labeler = RewardModelLabeler(args.reward_model, head=args.head, dtype=args.dtype, max_length=args.max_length,
-                                     batch_size=args.batch_size, trust_remote_code=args.trust_remote_code,
-                                     device=state.device)
-        scored, counts = label_in_processes(samples, labeler, state, BATCHES_PER_CHUNK * args.batch_size,
+        labeler = RewardModelLabeler.from_config(config, device=state.device)
+        scored, counts = label_in_processes(samples, labeler, state, BATCHES_PER_CHUNK * config.batch_size,
                                             progress="label" if progress else None)
         if state.is_main_process:
             write_records(args.out, scored)
@@ -297,6 +280,60 @@ def _label_with_reward_model(args, progress: bool) -> int:
         if state.use_distributed:
             state.destroy_process_group()
     return 0
+
+
+def feedback_verb(args, progress: bool) -> int:
+    from .stages.feedback import feedback_stage
+
+    c = _sections(args, "feedback", "seed")
+    fb = c["feedback"]
+    counts = feedback_stage(args.scored, args.out, fb.type, fb.mode, fb.threshold, c["seed"])
+    print(f"wrote feedback to {args.out}: {counts}")
+    return 0
+
+
+def train_rm_verb(args, progress: bool) -> int:
+    from .stages.feedback import read_feedback
+    from .stages.train_rm import train_reward_model
+
+    pairs = [r for path in args.feedback for r in read_feedback(path) if r["type"] == "pairwise_feedback"]
+    if not pairs:
+        raise NothingToDo("no pairwise feedback in " + ", ".join(args.feedback))
+    metrics = train_reward_model(pairs, base=args.base, out_dir=args.out, lr=args.lr, epochs=args.epochs,
+                                 batch_size=args.batch_size, max_length=args.max_length,
+                                 heldout_fraction=args.heldout_fraction, seed=args.seed, train_layers=args.train_layers,
+                                 trust_remote_code=args.trust_remote_code, progress=progress)
+    low, high = metrics["heldout_accuracy_ci95"]
+    print(f"wrote reward model {args.out}: held-out pairwise accuracy {metrics['heldout_accuracy']:.3f} "
+          f"(95% CI {low:.3f} to {high:.3f}, {metrics['heldout_pairs']} pairs)")
+    return 0
+
+
+def train_verb(args, progress: bool) -> int:
+    from .stages.train import read_training_records, train_round
+
+    c = _sections(args, "loss", "optim", "policy", "reference", "seed", "trust_remote_code",
+                  extra={f"loss.{item.partition('=')[0]}": _yaml(item) for item in args.param})
+    loss = c["loss"]
+    records = read_training_records(loss.name, args.feedback)
+    if not records:
+        raise NothingToDo(f"{args.feedback} holds no feedback")
+    summary = train_round(records, policy=args.resume or c["policy"], reference=c["reference"] or c["policy"],
+                          out_dir=args.out, resume=args.resume, loss=loss, optim=c["optim"], seed=c["seed"],
+                          round_index=args.round, trust_remote_code=c["trust_remote_code"], progress=progress)
+    print(f"wrote checkpoint {args.out}: {summary}")
+    return 0
+
+
+def _yaml(item: str):
+    """The value of a NAME=VALUE --param, typed as YAML types it."""
+    from .config import parse_override
+
+    return parse_override(item)[1]
+
+
+VERBS = {"run": run_verb, "sample": sample_verb, "label": label_verb, "feedback": feedback_verb,
+         "train-rm": train_rm_verb, "train": train_verb}
 
 
 if __name__ == "__main__":

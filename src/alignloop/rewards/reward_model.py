@@ -186,6 +186,10 @@ class RewardModelLabeler:
         self.sort_by_length = sort_by_length  # off only to measure what sorting buys (the benchmark)
         self.device = torch.device(device) if device is not None else inference_device()
         self.model.to(self.device)
+        self.stats: dict[str, float] = {}
+
+    def reset_stats(self) -> None:
+        pass  # nothing to count
 
     @classmethod
     def from_config(cls, config, device=None) -> "RewardModelLabeler":

@@ -1,121 +1,20 @@
-"""Stage 1, sample: n responses per prompt from the current policy.
-
-Two backends: Hugging Face `generate` here, batched with left padding, or a running vLLM engine
-(`alignloop.vllm_engine`) handed in by the caller. Either way prompts are rendered by
-`models.encode_prompt`, the same function the trainer uses, so the policy is trained on exactly the tokens
-it was sampled from. Every extra field of a prompt record (a verifier's constraints, say) is carried into
-its samples.
+"""Stage 1, sample: n responses per prompt from the current policy, with the run's sampler
+(`alignloop.sampling`: HF generate or a warm vLLM engine). Every extra field of a prompt record (a
+verifier's constraints, say) is carried into its samples.
 """
 
 from __future__ import annotations
 
-import torch
-from tqdm import tqdm
-
-from ..faults import crash_point
-from ..models import encode_prompt, inference_device, load_causal_lm, load_tokenizer
+from ..sampling import Sampler
 
 
-def generate(
-    model,
-    tokenizer,
-    prompts: list[dict],
-    n: int,
-    temperature: float,
-    top_p: float,
-    max_new_tokens: int,
-    stop: list[str],
-    seed: int,
-    batch_size: int,
-    progress: str | None = None,
-) -> list[list[dict]]:
-    """For each prompt record, n dicts {output, finish_reason, num_tokens, prompt_tokens}.
-
-    temperature 0 means greedy decoding (then n must be 1). Prompts are processed longest first, in
-    batches of `batch_size` sequences, so padding stays small and memory peaks early.
-    """
-    if temperature == 0 and n != 1:
-        raise ValueError("greedy decoding (temperature 0) gives one distinct sample per prompt; set n to 1")
-    encoded = [encode_prompt(tokenizer, p["prompt"]) for p in prompts]
-    order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
-    prompts_per_batch = max(1, batch_size // n)
-    results: list[list[dict]] = [[] for _ in prompts]
-    eos_ids = _eos_ids(model, tokenizer)
-    device = next(model.parameters()).device
-    torch.manual_seed(seed)  # one seed per stage: the same run samples the same outputs, resumed or not
-    batches = [order[i : i + prompts_per_batch] for i in range(0, len(order), prompts_per_batch)]
-    for batch in tqdm(batches, desc=progress or "sample", unit="batch", disable=not progress):
-        width = max(len(encoded[i]) for i in batch)
-        input_ids = torch.full((len(batch), width), tokenizer.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, i in enumerate(batch):
-            ids = encoded[i]
-            input_ids[row, width - len(ids) :] = torch.tensor(ids)
-            attention_mask[row, width - len(ids) :] = 1
-        sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else dict(do_sample=False)
-        with torch.no_grad():
-            out = model.generate(
-                input_ids=input_ids.to(device),
-                attention_mask=attention_mask.to(device),
-                max_new_tokens=max_new_tokens,
-                num_return_sequences=n,
-                pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=eos_ids,
-                stop_strings=stop or None,
-                tokenizer=tokenizer if stop else None,
-                top_k=None,
-                **sampling,
-            )
-        generated = out[:, width:].cpu()
-        for row, i in enumerate(batch):
-            for j in range(n):
-                results[i].append(_decode(tokenizer, generated[row * n + j].tolist(), eos_ids, stop, len(encoded[i])))
-        crash_point("sample.batch")
-    return results
-
-
-def _eos_ids(model, tokenizer) -> list[int]:
-    ids = model.generation_config.eos_token_id
-    ids = [ids] if isinstance(ids, int) else list(ids or [])
-    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
-        ids.append(tokenizer.eos_token_id)
-    return ids
-
-
-def _decode(tokenizer, tokens: list[int], eos_ids: list[int], stop: list[str], prompt_tokens: int) -> dict:
-    """Cut a generated row at its first end-of-sequence token or stop string and say why it ended."""
-    finish_reason = "length"
-    for k, t in enumerate(tokens):
-        if t in eos_ids:
-            tokens, finish_reason = tokens[:k], "stop"
-            break
-    text = tokenizer.decode(tokens, skip_special_tokens=True)
-    for s in stop:
-        cut = text.find(s)
-        if cut >= 0:
-            text, finish_reason = text[:cut], "stop"
-    return {"output": text, "finish_reason": finish_reason, "num_tokens": len(tokens), "prompt_tokens": prompt_tokens}
-
-
-def sample_records(
-    prompts: list[dict], policy: str, *, n: int, round_index: int, seed: int, temperature: float, top_p: float,
-    max_new_tokens: int, stop: list[str], batch_size: int, dtype: str, trust_remote_code: bool = False,
-    generator: str | None = None, progress: str | None = "sample", engine=None,
-) -> list[dict]:
-    """Sample records per the contract, prompt by prompt, sample_id 0..n-1. With a vLLM `engine`, the
-    engine is switched to `policy` (in place) and samples; otherwise the policy is loaded for HF generate."""
-    if engine is not None:
-        engine.load_weights(policy)
-        outputs = [[o.record for o in row] for row in engine.generate(
-            prompts, n, temperature, top_p, max_new_tokens, stop, seed, progress)]
-    else:
-        tokenizer = load_tokenizer(policy, trust_remote_code)
-        tokenizer.padding_side = "left"
-        model = load_causal_lm(policy, dtype, trust_remote_code).to(inference_device()).eval()
-        outputs = generate(model, tokenizer, prompts, n, temperature, top_p, max_new_tokens, stop, seed, batch_size, progress)
-        del model
+def sample_records(prompts: list[dict], policy: str, sampler: Sampler, *, n: int, round_index: int, seed: int,
+                   generator: str | None = None, progress: str | None = "sample", greedy: bool = False) -> list[dict]:
+    """Sample records per the contract, prompt by prompt, sample_id 0..n-1."""
+    outputs = sampler.generate(policy, prompts, n, seed, progress, greedy)
     records = []
     for prompt, samples in zip(prompts, outputs):
-        for sample_id, s in enumerate(samples):
-            records.append({**prompt, "sample_id": sample_id, **s, "round": round_index, "generator": generator or policy})
+        for sample_id, sample in enumerate(samples):
+            records.append({**prompt, "sample_id": sample_id, **sample, "round": round_index,
+                            "generator": generator or policy})
     return records

@@ -8,37 +8,27 @@ The recipe, top to bottom:
    position (a fresh optimizer every round would throw the moments away; HALOs restores only the scheduler);
 4. train with gradient accumulation and clipping under Accelerate, so the same code runs data-parallel or
    sharded under `accelerate launch`;
-5. write the checkpoint atomically: a HF folder (safetensors, tokenizer, generation config) with the
-   optimizer state (safetensors + JSON), the scheduler state and the trainer state in its `training_state/`
-   subfolder (kept out of the model folder proper: vLLM loads every *.safetensors file it finds there).
+5. write the checkpoint atomically (`alignloop.checkpoint`: a HF folder plus the optimizer, scheduler and
+   trainer state).
 """
 
 from __future__ import annotations
 
 import gc
-import json
-import os
 import random
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 from tqdm import tqdm
 
-from ..faults import crash_point
+from ..checkpoint import load_training_state, save_checkpoint
+from ..config import LossConfig, OptimConfig
 from ..logprobs import response_token_logps, sequence_logps
 from ..losses import LOSSES, group_advantages, mismatched_indices
 from ..models import encode_prompt, encode_response, inference_device, load_causal_lm, load_tokenizer
-from ..records import write_json
-from .feedback import pairs_to_binary
-
-TRAINING_STATE = "training_state"  # the subfolder of a checkpoint that holds the files below
-OPTIMIZER_TENSORS = "optimizer.safetensors"
-OPTIMIZER_META = "optimizer.json"
-SCHEDULER_STATE = "scheduler.json"
-TRAINER_STATE = "trainer_state.json"
-
+from .feedback import pairs_to_binary, read_feedback, read_scored
 
 class TrainingError(RuntimeError):
     """Training cannot go on (a NaN loss, feedback the loss cannot use)."""
@@ -211,60 +201,27 @@ def _grpo_on_batch(spec, params: dict, model, batch: list[Example], pad_id: int)
     return losses, {"kl": float(kl.mean()), "clip_fraction": float(clipped.mean()), "advantage": float(advantages.mean())}
 
 
-# ---- optimizer, scheduler and trainer state on disk (safetensors + JSON, nothing pickled) ----
-
-def save_optimizer(optimizer: torch.optim.Optimizer, folder: Path) -> None:
-    from safetensors.torch import save_file
-
-    state = optimizer.state_dict()
-    tensors, scalars = {}, {}
-    for pid, pstate in state["state"].items():
-        for key, value in pstate.items():
-            if torch.is_tensor(value):
-                tensors[f"{pid}.{key}"] = value.detach().contiguous().cpu()
-            else:
-                scalars[f"{pid}.{key}"] = value
-    save_file(tensors, str(folder / OPTIMIZER_TENSORS))
-    write_json(folder / OPTIMIZER_META, {"param_groups": state["param_groups"], "scalars": scalars})
-
-
-def load_optimizer(optimizer: torch.optim.Optimizer, folder: Path) -> None:
-    from safetensors.torch import load_file
-
-    tensors = load_file(str(folder / OPTIMIZER_TENSORS))
-    meta = json.loads((folder / OPTIMIZER_META).read_text())
-    state: dict[int, dict] = {}
-    for name, value in list(tensors.items()) + list(meta["scalars"].items()):
-        pid, key = name.split(".", 1)
-        state.setdefault(int(pid), {})[key] = value
-    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-
-
 def warmup_then_constant(warmup_steps: int):
     """Linear warmup to the full learning rate, then constant: an online run has no known end."""
     return lambda step: min(1.0, (step + 1) / max(1, warmup_steps))
 
 
-@dataclass
-class TrainConfig:
-    loss: str = "dpo"
-    loss_params: dict = field(default_factory=dict)
-    lr: float = 5e-6
-    weight_decay: float = 0.0
-    warmup_steps: int = 0
-    batch_size: int = 4
-    gradient_accumulation_steps: int = 1
-    epochs: int = 1
-    max_grad_norm: float = 1.0
-    max_length: int = 512
-    dtype: str = "float32"
-    mixed_precision: str = "no"  # "bf16": autocast matmuls to bfloat16, weights and Adam moments stay float32
-    reference_dtype: str = "float32"
-    seed: int = 0
+REFERENCE_DTYPE = "float32"  # the reference's weights while it scores the round's examples, once
+
+
+def training_input(loss: str) -> Literal["scored", "feedback"]:
+    """Which stage's output a loss trains on: GRPO on the scored samples (groups of one prompt's samples), the
+    others on feedback records."""
+    return "scored" if LOSSES[loss].feedback == "scored_groups" else "feedback"
+
+
+def read_training_records(loss: str, path: str | Path) -> list[dict]:
+    """The records a loss trains on, read and checked (errors name the file, line and field)."""
+    return read_scored(path) if training_input(loss) == "scored" else read_feedback(path)
 
 
 def train_round(feedback: list[dict], *, policy: str, reference: str, out_dir: str | Path,
-                resume: str | Path | None, config: TrainConfig, round_index: int = 0,
+                resume: str | Path | None, loss: LossConfig, optim: OptimConfig, seed: int = 0, round_index: int = 0,
                 trust_remote_code: bool = False, progress: bool = True, log=None) -> dict:
     """Train the policy on `feedback` and write the checkpoint to `out_dir` (atomically).
 
@@ -276,45 +233,42 @@ def train_round(feedback: list[dict], *, policy: str, reference: str, out_dir: s
     from accelerate.utils import set_seed
 
     # cpu=True on a machine without a GPU: Accelerate then sets up gloo data parallelism under torchrun
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(), gradient_accumulation_steps=config.gradient_accumulation_steps,
-                              mixed_precision=config.mixed_precision)
-    set_seed(config.seed + round_index)
-    spec = LOSSES[config.loss]
-    params = {**spec.defaults, **config.loss_params}
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), gradient_accumulation_steps=optim.gradient_accumulation_steps,
+                              mixed_precision=optim.mixed_precision)
+    set_seed(seed + round_index)
+    spec = LOSSES[loss.name]
+    params = {**spec.defaults, **loss.params}
     tokenizer = load_tokenizer(policy, trust_remote_code)
     pad_id = tokenizer.pad_token_id
-    examples = build_examples(feedback, config.loss, tokenizer, config.max_length, config.seed + round_index)
+    examples = build_examples(feedback, loss.name, tokenizer, optim.max_length, seed + round_index)
     if not examples:
         raise TrainingError("no training examples in this round's feedback")
     show = progress and accelerator.is_main_process
     if spec.needs_reference:
-        compute_reference_logps(examples, reference, config.reference_dtype, config.batch_size, pad_id,
-                                trust_remote_code, show, bf16_autocast=config.mixed_precision == "bf16",
+        compute_reference_logps(examples, reference, REFERENCE_DTYPE, optim.batch_size, pad_id,
+                                trust_remote_code, show, bf16_autocast=optim.mixed_precision == "bf16",
                                 per_token=spec.logps == "token")
 
-    model = load_causal_lm(policy, config.dtype, trust_remote_code)
+    model = load_causal_lm(policy, optim.dtype, trust_remote_code)
     model.train()
     model.config.use_cache = False
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_then_constant(config.warmup_steps))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=optim.lr, weight_decay=optim.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_then_constant(optim.warmup_steps))
     state = {"global_step": 0, "rounds": []}
     if resume is not None:
-        resume = training_state_dir(Path(resume))
-        load_optimizer(optimizer, resume)
-        scheduler.load_state_dict(json.loads((resume / SCHEDULER_STATE).read_text()))
-        state = json.loads((resume / TRAINER_STATE).read_text())
+        state = load_training_state(optimizer, scheduler, resume)
         for group in optimizer.param_groups:  # the config may change the learning rate between runs
-            group["initial_lr"] = config.lr
-        scheduler.base_lrs = [config.lr for _ in optimizer.param_groups]
+            group["initial_lr"] = optim.lr
+        scheduler.base_lrs = [optim.lr for _ in optimizer.param_groups]
     model, optimizer = accelerator.prepare(model, optimizer)
 
     # Each process takes every num_processes-th batch; the order is seeded per round and epoch.
-    rng = random.Random(config.seed * 1000 + round_index)
+    rng = random.Random(seed * 1000 + round_index)
     batches = []
-    for _ in range(config.epochs):
+    for _ in range(optim.epochs):
         order = list(range(len(examples)))
         rng.shuffle(order)
-        batches += [order[i : i + config.batch_size] for i in range(0, len(order), config.batch_size)]
+        batches += [order[i : i + optim.batch_size] for i in range(0, len(order), optim.batch_size)]
     world, rank = accelerator.num_processes, accelerator.process_index
     batches = batches[: len(batches) - len(batches) % world] if len(batches) >= world else batches[:1] * world
     my_batches = batches[rank::world]
@@ -325,17 +279,17 @@ def train_round(feedback: list[dict], *, policy: str, reference: str, out_dir: s
         batch = [examples[i] for i in batch_ids]
         with accelerator.accumulate(model):
             kl = None
-            if config.loss == "kto":  # the reference point is shared across processes
+            if loss.name == "kto":  # the reference point is shared across processes
                 with torch.no_grad():
                     kl_logps, _ = sequence_logps(model, [e.prompt for e in batch], [e.kl_response for e in batch], pad_id)
                 local = (kl_logps - torch.tensor([e.reference[1] for e in batch], device=kl_logps.device)).mean()
                 kl = accelerator.reduce(local.detach(), reduction="mean")
-            losses, metrics = loss_on_batch(config.loss, params, model, batch, pad_id, kl_override=kl)
-            loss = losses.mean()
-            accelerator.backward(loss)
-            accumulated.append({"loss": loss.item(), **metrics})
+            losses, metrics = loss_on_batch(loss.name, params, model, batch, pad_id, kl_override=kl)
+            batch_loss = losses.mean()
+            accelerator.backward(batch_loss)
+            accumulated.append({"loss": batch_loss.item(), **metrics})
             if accelerator.sync_gradients or k == len(my_batches) - 1:
-                grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+                grad_norm = accelerator.clip_grad_norm_(model.parameters(), optim.max_grad_norm)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad()
@@ -368,32 +322,4 @@ def train_round(feedback: list[dict], *, policy: str, reference: str, out_dir: s
     gc.collect()
     return summary
 
-
-def save_checkpoint(model, tokenizer, optimizer, scheduler, state: dict, out_dir: Path) -> None:
-    """Everything a later round needs, written to a temporary folder and renamed into place."""
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.config.use_cache = True
-    model.save_pretrained(tmp, safe_serialization=True)
-    crash_point("checkpoint.tmp")
-    tokenizer.save_pretrained(tmp)
-    (tmp / TRAINING_STATE).mkdir()
-    save_optimizer(optimizer, tmp / TRAINING_STATE)
-    write_json(tmp / TRAINING_STATE / SCHEDULER_STATE, scheduler.state_dict())
-    write_json(tmp / TRAINING_STATE / TRAINER_STATE, state)
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
-
-
-def training_state_dir(checkpoint: Path) -> Path:
-    """Where a checkpoint keeps its optimizer, scheduler and trainer state (checkpoints written before
-    `training_state/` existed keep them beside the weights)."""
-    return checkpoint / TRAINING_STATE if (checkpoint / TRAINING_STATE).is_dir() else checkpoint
-
-
-def is_checkpoint(folder: str | Path) -> bool:
-    folder = Path(folder)
-    state = training_state_dir(folder)
-    return (folder / "config.json").exists() and all((state / f).exists() for f in (OPTIMIZER_TENSORS, SCHEDULER_STATE, TRAINER_STATE))
 

@@ -1,5 +1,5 @@
 """Code that runs inside each vLLM worker process, mixed into the worker by
-`LLM(worker_extension_cls="alignloop.vllm_worker.WeightReload")` and called by name through `collective_rpc`
+`LLM(worker_extension_cls="alignloop.sampling.vllm_worker.WeightReload")` and called by name through `collective_rpc`
 (so no pickled functions cross the process boundary)."""
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ class WeightReload:
         device."""
         import torch
 
-        from alignloop.placement import physical_gpus, process_cores
+        from alignloop.sampling.placement import physical_gpus, process_cores
 
         report = {"pid": os.getpid(), "cores": sorted(process_cores())}
         if torch.cuda.is_available():

@@ -1,24 +1,21 @@
-"""Held-out evaluation: greedy answers to held-out prompts, scored by the run's labeler, and the paired
-confidence interval of the change between two evaluations."""
+"""Stage 5, eval: greedy answers to held-out prompts, scored by the run's labeler, and the paired confidence
+interval of the change between two evaluations."""
 
 from __future__ import annotations
 
 import math
 import statistics
 
-from .stages.label import label_records
-from .stages.sample import sample_records
+from ..sampling import Sampler
+from .label import label_records
+from .sample import sample_records
 
 
-def evaluate_policy(policy: str, prompts: list[dict], labeler, sampler, round_index: int, seed: int,
-                    trust_remote_code: bool = False, progress: str | None = "held-out",
-                    generator: str | None = None, engine=None) -> list[dict]:
-    """Scored records of one greedy answer per held-out prompt (from the vLLM `engine` when given)."""
-    samples = sample_records(
-        prompts, policy, n=1, round_index=round_index, seed=seed, temperature=0.0, top_p=1.0,
-        max_new_tokens=sampler.max_new_tokens, stop=sampler.stop, batch_size=sampler.batch_size,
-        dtype=sampler.dtype, trust_remote_code=trust_remote_code, progress=progress, generator=generator, engine=engine,
-    )
+def evaluate_policy(policy: str, prompts: list[dict], labeler, sampler: Sampler, round_index: int, seed: int,
+                    progress: str | None = "held-out", generator: str | None = None) -> list[dict]:
+    """Scored records of one greedy answer per held-out prompt, from the run's sampler."""
+    samples = sample_records(prompts, policy, sampler, n=1, round_index=round_index, seed=seed, generator=generator,
+                             progress=progress, greedy=True)
     scored, _ = label_records(samples, labeler, progress=None)
     return scored
 

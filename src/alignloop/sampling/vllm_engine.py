@@ -2,7 +2,7 @@
 
 HALOs starts a vLLM process per round and pays the engine's start-up each time (tens of seconds even for a
 135M model). Here the engine starts once; after a round's training, `load_weights` reloads the new
-checkpoint into the running engine (`alignloop.vllm_worker` on every worker) and drops the prefix cache,
+checkpoint into the running engine (`alignloop.sampling.vllm_worker` on every worker) and drops the prefix cache,
 whose entries were computed by the old weights. A sampler that silently keeps old weights trains the policy on
 another model's samples, so `check_weight_sync` recomputes the log-probs of a few sampled outputs with the
 trainer's model and stops the run when they disagree with vLLM's.
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .models import encode_prompt, load_causal_lm, load_tokenizer, resolve_model_path
+from ..models import encode_prompt, load_causal_lm, load_tokenizer, resolve_model_path
 from .placement import Placement, cpu_thread_binding, engine_environment, usable_cores
 
 
@@ -62,7 +62,7 @@ class SampledOutput:
 
 class VLLMEngine:
     """A running vLLM engine serving one policy at a time, on the caller's devices or, given a `placement`
-    (see `alignloop.placement`), on devices of its own."""
+    (see `alignloop.sampling.placement`), on devices of its own."""
 
     def __init__(self, policy: str, sampler, seed: int, trust_remote_code: bool = False,
                  placement: Placement | None = None):
@@ -96,7 +96,7 @@ class VLLMEngine:
                 model=self.policy, tokenizer=self.policy, dtype=sampler.dtype, seed=seed,
                 tensor_parallel_size=sampler.tensor_parallel_size, enforce_eager=sampler.enforce_eager,
                 max_model_len=max_model_len, trust_remote_code=trust_remote_code,
-                worker_extension_cls="alignloop.vllm_worker.WeightReload", **device,
+                worker_extension_cls="alignloop.sampling.vllm_worker.WeightReload", **device,
             )
         # where each worker really runs, as it reports it: recorded with every round's samples
         self.workers = self.llm.collective_rpc("alignloop_placement")
@@ -182,7 +182,7 @@ def check_weight_sync(outputs: list[SampledOutput], policy: str, tolerance: floa
     """Recompute the per-token log-probs of a few sampled outputs with the trainer's model (float32, the
     checkpoint on disk) and compare them with vLLM's. Raises SamplerError when the mean absolute difference
     per token exceeds `tolerance`; returns the measured differences for the manifest."""
-    from .logprobs import response_token_logps
+    from ..logprobs import response_token_logps
 
     chosen = [o for o in outputs if o.token_ids][:max_samples]
     if not chosen:

@@ -1,0 +1,53 @@
+"""The samplers behind one call: `Sampler(config.sampler, ...).generate(policy, prompts, n, seed)`.
+
+- `hf`: Hugging Face generate (`sampling.hf`), the policy loaded for each call;
+- `vllm`: one vLLM engine for the whole run (`sampling.vllm_engine`), started on first use, each policy's
+  weights loaded into it in place (`sampling.vllm_worker` on every worker), on the trainer's devices or on
+  devices of its own (`sampling.placement`).
+"""
+
+from __future__ import annotations
+
+from ..config import SamplerConfig
+from .hf import sample_with_hf
+from .placement import Placement, engine_placement
+from .vllm_engine import SamplerError, VLLMEngine, vllm_missing_reason
+
+
+class Sampler:
+    """The run's sampler. A vLLM backend that cannot run here (vLLM missing, devices that do not fit) is an
+    error at construction, before any work is done."""
+
+    def __init__(self, config: SamplerConfig, seed: int, trust_remote_code: bool = False):
+        self.config = config
+        self.seed = seed
+        self.trust_remote_code = trust_remote_code
+        self.placement: Placement | None = None
+        self.vllm: VLLMEngine | None = None
+        if config.backend == "vllm":
+            if reason := vllm_missing_reason():
+                raise SamplerError(reason)
+            self.placement = engine_placement(config)
+
+    def generate(self, policy: str, prompts: list[dict], n: int, seed: int, progress: str | None = None,
+                 greedy: bool = False) -> list[list[dict]]:
+        """For each prompt, n dicts {output, finish_reason, num_tokens, prompt_tokens (, logprob)} sampled from
+        `policy`; `greedy`: temperature 0 (then n must be 1)."""
+        s = self.config.model_copy(update={"temperature": 0.0, "top_p": 1.0}) if greedy else self.config
+        if s.backend == "hf":
+            return sample_with_hf(policy, prompts, n, s, seed, self.trust_remote_code, progress)
+        if self.vllm is None:
+            self.vllm = VLLMEngine(policy, s, self.seed, self.trust_remote_code, self.placement)
+        self.vllm.load_weights(policy)
+        rows = self.vllm.generate(prompts, n, s.temperature, s.top_p, s.max_new_tokens, s.stop, seed, progress)
+        return [[o.record for o in row] for row in rows]
+
+    def sleep(self) -> None:
+        """On a GPU the engine gives its memory to the trainer until it samples again."""
+        if self.vllm is not None:
+            self.vllm.sleep()
+
+    def close(self) -> None:
+        if self.vllm is not None:
+            self.vllm.close()
+            self.vllm = None
