@@ -9,11 +9,10 @@ import random
 
 import pytest
 
-from alignloop.records import RecordError, read_records
+from alignloop.records import RecordError, pairs_to_binary, read_records
 from alignloop.stages.feedback import (
     binary_feedback,
     feedback_stage,
-    pairs_to_binary,
     pairwise_feedback,
     read_feedback,
     read_scored,

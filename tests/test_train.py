@@ -12,13 +12,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from alignloop.logprobs import sequence_logps
-from alignloop.models import encode_prompt, encode_response, load_causal_lm, load_tokenizer
-from alignloop.losses import dpo_loss, grpo_loss, ipo_loss, kto_loss, orpo_loss, sft_loss, simpo_loss, slic_loss
-from alignloop.sampling.hf import generate
 from alignloop.config import LossConfig, OptimConfig
-from alignloop.stages.train import (LOSSES, TrainingError, build_examples, compute_reference_logps, loss_on_batch,
-                                    train_round)
+from alignloop.logprobs import sequence_logps
+from alignloop.losses import LOSSES, dpo_loss, grpo_loss, ipo_loss, kto_loss, orpo_loss, sft_loss, simpo_loss, slic_loss
+from alignloop.models import encode_prompt, encode_response, load_causal_lm, load_tokenizer
+from alignloop.sampling.hf import generate
+from alignloop.stages.train import TrainingError, build_examples, compute_reference_logps, loss_on_batch, train_round
 from conftest import launcher_problem, torchrun
 
 PROMPT = [{"role": "user", "content": "Say hi in lowercase."}]
@@ -240,7 +239,7 @@ def test_pairwise_losses_take_the_right_log_probs(loss, tiny_model, moved_policy
     feedback = pairs(4)
     examples = build_examples(feedback, loss, tok, 512, seed=0)
     if LOSSES[loss].needs_reference:  # in batches of 3, so one batch is padded and one is not full
-        compute_reference_logps(examples, tiny_model, "float32", 3, tok.pad_token_id, False, False)
+        compute_reference_logps(loss, examples, tiny_model, "float32", 3, tok.pad_token_id, False, False)
     policy, reference = load_causal_lm(moved_policy).eval(), load_causal_lm(tiny_model).eval()
     losses, _ = loss_on_batch(loss, LOSSES[loss].defaults, policy, examples, tok.pad_token_id)
 
@@ -269,7 +268,7 @@ def test_kto_takes_its_outputs_and_mismatched_partners(tiny_model, moved_policy)
     tok = load_tokenizer(tiny_model)
     feedback = pairs(3)
     examples = build_examples(feedback, "kto", tok, 512, seed=0)
-    compute_reference_logps(examples, moved_policy, "float32", 4, tok.pad_token_id, False, False)
+    compute_reference_logps("kto", examples, moved_policy, "float32", 4, tok.pad_token_id, False, False)
     policy, reference = load_causal_lm(tiny_model).eval(), load_causal_lm(moved_policy).eval()
     losses, metrics = loss_on_batch("kto", LOSSES["kto"].defaults, policy, examples, tok.pad_token_id)
 
@@ -290,7 +289,7 @@ def test_grpo_takes_per_token_log_probs_and_group_advantages(tiny_model, moved_p
     scored = [{"prompt_id": "a", "sample_id": i, "prompt": PROMPT, "output": o, "reward": r}
               for i, (o, r) in enumerate([("hi there friend", 1.0), ("HI", 0.0), ("hey", 0.5)])]
     examples = build_examples(scored, "grpo", tok, 512, 0)
-    compute_reference_logps(examples, tiny_model, "float32", 4, tok.pad_token_id, False, False, per_token=True)
+    compute_reference_logps("grpo", examples, tiny_model, "float32", 4, tok.pad_token_id, False, False)
     policy, reference = load_causal_lm(moved_policy).eval(), load_causal_lm(tiny_model).eval()
     losses, _ = loss_on_batch("grpo", LOSSES["grpo"].defaults, policy, examples, tok.pad_token_id)
 
@@ -319,7 +318,7 @@ def spy(loss, params, model, batch, pad_id, kl_override=None):
     # this process's own estimate of the reference point, from its own micro-batch
     with torch.no_grad():
         kl_logps, _ = sequence_logps(model, [e.prompt for e in batch], [e.kl_response for e in batch], pad_id)
-    local = float((kl_logps - torch.tensor([e.reference[1] for e in batch])).mean())
+    local = float((kl_logps - torch.tensor([e.reference_logps[1] for e in batch])).mean())
     seen.append({"used": float(kl_override), "local": local})
     return real(loss, params, model, batch, pad_id, kl_override=kl_override)
 

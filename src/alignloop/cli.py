@@ -261,8 +261,8 @@ def _label_with_reward_model(args, config, progress: bool) -> int:
     from accelerate import PartialState
 
     from .records import write_records
-    from .rewards.reward_model import RewardModelLabeler, label_in_processes
-    from .stages.label import BATCHES_PER_CHUNK, read_samples
+    from .rewards.reward_model import RewardModelLabeler
+    from .stages.label import BATCHES_PER_CHUNK, label_in_processes, read_samples
 
     samples = read_samples(args.samples)  # bad input fails before any model is loaded
     if not samples:

@@ -6,18 +6,25 @@ import torch
 import torch.nn.functional as F
 
 
+def pad_right(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) [B, T], padded on the right, so every real token keeps its position (and a
+    sequence-classification head, which reads the last non-pad token, finds it)."""
+    width = max(len(s) for s in sequences)
+    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        input_ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        attention_mask[row, : len(seq)] = 1
+    return input_ids, attention_mask
+
+
 def pad_sequences(prompts: list[list[int]], responses: list[list[int]], pad_id: int):
     """Right-padded prompt+response ids, attention mask, and labels that are -100 everywhere but on the
     response tokens. Shapes [B, T]."""
-    width = max(len(p) + len(r) for p, r in zip(prompts, responses))
-    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    labels = torch.full((len(prompts), width), -100, dtype=torch.long)
+    input_ids, attention_mask = pad_right([p + r for p, r in zip(prompts, responses)], pad_id)
+    labels = torch.full(input_ids.shape, -100, dtype=torch.long)
     for row, (p, r) in enumerate(zip(prompts, responses)):
-        ids = p + r
-        input_ids[row, : len(ids)] = torch.tensor(ids)
-        attention_mask[row, : len(ids)] = 1
-        labels[row, len(p) : len(ids)] = torch.tensor(r)
+        labels[row, len(p) : len(p) + len(r)] = torch.tensor(r)
     return input_ids, attention_mask, labels
 
 

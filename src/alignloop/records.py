@@ -101,6 +101,50 @@ def output_text(output: Any, path: str | Path, line: int | None, field: str = "o
     raise RecordError(f"{where(path, line)}: field '{field}' must be a string or a list of assistant turns")
 
 
+def preferred_sides(pair: dict) -> tuple[str, str]:
+    """("A", "B") when a pairwise feedback record prefers output_A (label 1), else ("B", "A"): the one reading
+    of the contract's `label` for the trainer, the reward-model trainer and KTO's split of pairs."""
+    return ("A", "B") if pair["label"] == 1 else ("B", "A")
+
+
+def chosen_and_rejected(pair: dict) -> tuple[str, str]:
+    """The preferred and the other output of a pairwise feedback record."""
+    chosen, rejected = preferred_sides(pair)
+    return pair[f"output_{chosen}"], pair[f"output_{rejected}"]
+
+
+def binary_record(sample: dict, label: bool, prefix: str = "") -> dict:
+    """One contract binary record from a sample (prefix "" ) or from one side of a pair (prefix "A"/"B")."""
+    suffix = f"_{prefix}" if prefix else ""
+    record = {
+        "type": "binary_feedback",
+        "prompt_id": sample["prompt_id"],
+        "prompt": sample["prompt"],
+        "output": sample[f"output{suffix}"],
+        "label": bool(label),
+        "reward": sample.get(f"reward{suffix}"),
+    }
+    if f"sample_id{suffix}" in sample:
+        record["sample_id"] = sample[f"sample_id{suffix}"]
+    if "round" in sample:
+        record["round"] = sample["round"]
+    return record
+
+
+def pairs_to_binary(pairs: list[dict]) -> list[dict]:
+    """Two binary records per pair, the preferred output desirable and the other undesirable (KTO on pairs).
+
+    Records come out pair by pair, desirable first. An output that appears in several pairs appears several
+    times, each with its own label; nothing is deduplicated.
+    """
+    records = []
+    for pair in pairs:
+        preferred, other = preferred_sides(pair)
+        records.append(binary_record(pair, True, preferred))
+        records.append(binary_record(pair, False, other))
+    return records
+
+
 def read_prompts(path: str | Path) -> list[dict]:
     """Prompt records with a normalised 'prompt' and a 'prompt_id' (made from the position if absent)."""
     prompts = []

@@ -26,6 +26,7 @@ import math
 
 import torch
 
+from ..logprobs import pad_right
 from ..models import DTYPES, ModelError, inference_device, resolve_model_path
 from . import Score
 
@@ -121,17 +122,6 @@ def encode_for_rm(tokenizer, prompt, output: str, max_length: int) -> tuple[list
     keep_bos = tokenizer.bos_token_id is not None and ids[0] == tokenizer.bos_token_id
     head = [ids[0]] if keep_bos else []
     return head + list(ids[len(ids) - (max_length - len(head)):]), True
-
-
-def pad_right(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(input_ids, attention_mask), padded on the right, so every real token keeps its position."""
-    width = max(len(s) for s in sequences)
-    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, seq in enumerate(sequences):
-        input_ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
-        attention_mask[row, : len(seq)] = 1
-    return input_ids, attention_mask
 
 
 # ------------------------------------------------------------------------------------------- reading
@@ -230,25 +220,3 @@ class RewardModelLabeler:
         if not math.isfinite(reward):
             return Score(None, f"reward model returned {reward}", extra=extra)
         return Score(float(reward), rewards=objectives, extra=extra)
-
-
-# ------------------------------------------------------------------------------------ many processes
-
-def label_in_processes(samples: list[dict], labeler, state, chunk_size: int, progress: str | None = None) -> tuple[list[dict], dict]:
-    """Scored records (input order) and counts, labeled by all processes of `state` (an accelerate
-    PartialState): process k scores samples k, k+N, k+2N, ... (a strided shard, so long and short samples
-    spread evenly), `chunk_size` samples per `labeler.score` call, then every process gathers all (index,
-    record) pairs and merges them by index. With one process this is plain `label_records`."""
-    from accelerate.utils import gather_object
-
-    from ..stages.label import label_records
-
-    mine = list(range(state.process_index, len(samples), state.num_processes))
-    scored, _ = label_records([samples[i] for i in mine], labeler, chunk_size,
-                              progress if state.is_main_process else None)
-    gathered = gather_object(list(zip(mine, scored)))
-    merged = [record for _, record in sorted(gathered, key=lambda pair: pair[0])]
-    if len(merged) != len(samples):
-        raise RuntimeError(f"gathered {len(merged)} scored samples from {state.num_processes} processes, expected {len(samples)}")
-    failed = sum(r["reward"] is None for r in merged)
-    return merged, {"scored": len(merged) - failed, "failed": failed}

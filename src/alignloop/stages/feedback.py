@@ -25,8 +25,9 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from alignloop.records import (
+from ..records import (
     RecordError,
+    binary_record,
     is_number,
     normalize_prompt,
     output_text,
@@ -169,7 +170,7 @@ def binary_feedback(scored: list[dict], threshold: str | float = "mean") -> list
         _binary_threshold(threshold, [])  # still reject a bad threshold
         return []
     cut = _binary_threshold(threshold, [s["reward"] for s in rated])
-    return [_binary_record(s, s["reward"] >= cut) for s in rated]
+    return [binary_record(s, s["reward"] >= cut) for s in rated]
 
 
 def _binary_threshold(threshold: Any, rewards: list[float]) -> float | None:
@@ -182,38 +183,6 @@ def _binary_threshold(threshold: Any, rewards: list[float]) -> float | None:
     if value is None:
         raise ValueError(f"binary threshold must be one of {', '.join(BINARY_STATISTICS)} or a number, got {threshold!r}")
     return value
-
-
-def _binary_record(sample: dict, label: bool, prefix: str = "") -> dict:
-    """One contract binary record from a sample (prefix "" ) or from one side of a pair (prefix "A"/"B")."""
-    suffix = f"_{prefix}" if prefix else ""
-    record = {
-        "type": "binary_feedback",
-        "prompt_id": sample["prompt_id"],
-        "prompt": sample["prompt"],
-        "output": sample[f"output{suffix}"],
-        "label": bool(label),
-        "reward": sample.get(f"reward{suffix}"),
-    }
-    if f"sample_id{suffix}" in sample:
-        record["sample_id"] = sample[f"sample_id{suffix}"]
-    if "round" in sample:
-        record["round"] = sample["round"]
-    return record
-
-
-def pairs_to_binary(pairs: list[dict]) -> list[dict]:
-    """Two binary records per pair, the preferred output desirable and the other undesirable (KTO on pairs).
-
-    Records come out pair by pair, desirable first. An output that appears in several pairs appears several
-    times, each with its own label; nothing is deduplicated.
-    """
-    records = []
-    for pair in pairs:
-        preferred, other = ("A", "B") if pair["label"] == 1 else ("B", "A")
-        records.append(_binary_record(pair, True, preferred))
-        records.append(_binary_record(pair, False, other))
-    return records
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -50,5 +50,27 @@ def label_records(samples: list[dict], labeler, batch_size: int = 64 * BATCHES_P
             scored.append(record)
         bar.update(len(batch))
     bar.close()
+    return scored, label_counts(scored)
+
+
+def label_counts(scored: list[dict]) -> dict:
+    """{scored, failed}: how many samples got a reward, and how many could not be scored."""
     failed = sum(r["reward"] is None for r in scored)
-    return scored, {"scored": len(scored) - failed, "failed": failed}
+    return {"scored": len(scored) - failed, "failed": failed}
+
+
+def label_in_processes(samples: list[dict], labeler, state, chunk_size: int, progress: str | None = None) -> tuple[list[dict], dict]:
+    """Scored records (input order) and counts, labeled by all processes of `state` (an accelerate
+    PartialState): process k scores samples k, k+N, k+2N, ... (a strided shard, so long and short samples
+    spread evenly), `chunk_size` samples per `labeler.score` call, then every process gathers all (index,
+    record) pairs and merges them by index. With one process this is plain `label_records`."""
+    from accelerate.utils import gather_object
+
+    mine = list(range(state.process_index, len(samples), state.num_processes))
+    scored, _ = label_records([samples[i] for i in mine], labeler, chunk_size,
+                              progress if state.is_main_process else None)
+    gathered = gather_object(list(zip(mine, scored)))
+    merged = [record for _, record in sorted(gathered, key=lambda pair: pair[0])]
+    if len(merged) != len(samples):
+        raise RuntimeError(f"gathered {len(merged)} scored samples from {state.num_processes} processes, expected {len(samples)}")
+    return merged, label_counts(merged)

@@ -19,9 +19,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from ..logprobs import pad_right
 from ..losses import bradley_terry_loss
 from ..models import DTYPES, load_tokenizer, resolve_model_path
-from ..records import write_json
+from ..records import chosen_and_rejected, write_json
 from ..rewards.reward_model import encode_for_rm
 
 
@@ -58,7 +59,7 @@ def unique_pairs(pairs: list[dict]) -> list[dict]:
 def _encode_pairs(pairs: list[dict], tokenizer, max_length: int) -> list[tuple[list[int], list[int]]]:
     encoded = []
     for p in pairs:
-        chosen, rejected = (p["output_A"], p["output_B"]) if p["label"] == 1 else (p["output_B"], p["output_A"])
+        chosen, rejected = chosen_and_rejected(p)
         # the same encoding the reward-model labeler uses, so the model is trained on what it will score
         encoded.append((encode_for_rm(tokenizer, p["prompt"], chosen, max_length)[0],
                         encode_for_rm(tokenizer, p["prompt"], rejected, max_length)[0]))
@@ -67,12 +68,7 @@ def _encode_pairs(pairs: list[dict], tokenizer, max_length: int) -> list[tuple[l
 
 def _scores(model, sequences: list[list[int]], pad_id: int) -> torch.Tensor:
     """One scalar per sequence [B]; right padding, so the head reads each sequence's last real token."""
-    width = max(map(len, sequences))
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, s in enumerate(sequences):
-        ids[row, : len(s)] = torch.tensor(s)
-        mask[row, : len(s)] = 1
+    ids, mask = pad_right(sequences, pad_id)
     device = next(model.parameters()).device
     return model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[:, 0].float()
 
