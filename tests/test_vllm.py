@@ -155,16 +155,17 @@ def _loop_overrides(run_dir, policy) -> list[str]:
 def test_loop_keeps_one_engine_and_checks_every_round(tmp_path, models, monkeypatch):
     """Two rounds and three evaluations on one engine; each round's weights are checked against vLLM's."""
     import alignloop.loop as loop
+    import alignloop.sampling as sampling
     from alignloop.config import load_config
 
     starts = []
-    real = loop.VLLMEngine
+    real = sampling.VLLMEngine
 
     def counting(*args, **kwargs):
         starts.append(args[0])
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(loop, "VLLMEngine", counting)
+    monkeypatch.setattr(sampling, "VLLMEngine", counting)
     manifest = loop.run_loop(load_config(None, _loop_overrides(tmp_path / "run", models[0]) + ["sampler.dtype=float32"]),
                              progress=False)
     assert len(starts) == 1

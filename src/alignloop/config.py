@@ -75,7 +75,7 @@ class HFSamplerConfig(_SamplerSettings):
 
 class VLLMSamplerConfig(_SamplerSettings):
     """`vllm`: one vLLM engine for the whole run, new weights loaded into it after every round and checked
-    against the trainer's (see `alignloop.vllm_engine`). vLLM schedules its own batches."""
+    against the trainer's (see `alignloop.sampling.vllm_engine`). vLLM schedules its own batches."""
 
     backend: Literal["vllm"] = "vllm"
     tensor_parallel_size: int = Field(default=1, gt=0)
@@ -85,7 +85,7 @@ class VLLMSamplerConfig(_SamplerSettings):
     max_model_len: int | None = Field(default=None, gt=0)  # prompt + response tokens; default: the model's
     sleep_while_training: bool = True  # GPU: release the engine's memory while the trainer runs
     # null: the engine shares the trainer's devices. A list: the engine's own GPUs (cuda indices; as many as
-    # tensor_parallel_size) or, on a CPU, cores; the trainer takes the others (see alignloop.placement)
+    # tensor_parallel_size) or, on a CPU, cores; the trainer takes the others (see alignloop.sampling.placement)
     devices: list[int] | None = None
     # mean |log-prob difference| per token, vLLM vs the trainer's float32 model. Measured on SmolLM2-135M:
     # 0.04-0.06 for a bf16 engine in sync, 0.66-1.27 for one left a round or more behind.
