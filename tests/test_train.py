@@ -4,9 +4,7 @@ import json
 import math
 import shutil
 import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
