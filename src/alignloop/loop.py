@@ -225,8 +225,9 @@ def train_stage(run: Run, r: int, policy: str, reference: str, resume: Path | No
     them); a round with nothing to learn from keeps the policy it had."""
     config = run.config
     rdir = run.round_dir(r)
-    train_input = rdir / {"scored": "scored.jsonl", "feedback": "feedback.jsonl"}[training_input(config.loss.name)]
-    if not has_training_signal(run, r, train_input):
+    trains_on = training_input(config.loss.name)
+    train_input = rdir / {"scored": "scored.jsonl", "feedback": "feedback.jsonl"}[trains_on]
+    if not has_training_signal(run, r, trains_on, train_input):
         return run.stage(r, "train") or run.mark_done(r, "train", rdir, {"skipped": "no feedback", "seconds": 0.0,
                                                                          "policy_out": policy})
     checkpoint = rdir / "checkpoint"
@@ -245,10 +246,10 @@ def train_stage(run: Run, r: int, policy: str, reference: str, resume: Path | No
     return run.once(r, "train", checkpoint, compute)
 
 
-def has_training_signal(run: Run, r: int, train_input: Path) -> bool:
+def has_training_signal(run: Run, r: int, trains_on: str, train_input: Path) -> bool:
     """Whether the round gives the loss anything to learn from: some feedback, or, for a loss that trains on
     scored samples, a prompt whose samples differ in reward (otherwise every group-relative advantage is 0)."""
-    if train_input.name == "feedback.jsonl":
+    if trains_on == "feedback":
         return run.stage(r, "feedback")["count"] > 0
     groups: dict[str, set] = {}
     for record in read_records(train_input):
