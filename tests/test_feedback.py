@@ -9,14 +9,8 @@ import random
 
 import pytest
 
-from alignloop.records import RecordError, pairs_to_binary, read_records
-from alignloop.stages.feedback import (
-    binary_feedback,
-    feedback_stage,
-    pairwise_feedback,
-    read_feedback,
-    read_scored,
-)
+from alignloop.records import RecordError, pairs_to_binary, read_feedback, read_records, read_scored
+from alignloop.stages.feedback import binary_feedback, feedback_stage, pairwise_feedback
 
 
 def sample(pid, sid, reward, round_=0):

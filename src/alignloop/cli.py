@@ -234,9 +234,9 @@ def sample_verb(args, progress: bool) -> int:
 
 
 def label_verb(args, progress: bool) -> int:
-    from .records import write_records
+    from .records import read_samples, write_records
     from .rewards import make_labeler
-    from .stages.label import BATCHES_PER_CHUNK, label_records, read_samples
+    from .stages.label import BATCHES_PER_CHUNK, label_records
 
     kind = {"labeler.kind": "reward_model"} if getattr(args, CONFIG + "labeler.path") else \
         {"labeler.kind": "callable"} if getattr(args, CONFIG + "labeler.function") else {}
@@ -260,9 +260,9 @@ def _label_with_reward_model(args, config, progress: bool) -> int:
     import torch
     from accelerate import PartialState
 
-    from .records import write_records
+    from .records import read_samples, write_records
     from .rewards.reward_model import RewardModelLabeler
-    from .stages.label import BATCHES_PER_CHUNK, label_in_processes, read_samples
+    from .stages.label import BATCHES_PER_CHUNK, label_in_processes
 
     samples = read_samples(args.samples)  # bad input fails before any model is loaded
     if not samples:
@@ -293,7 +293,7 @@ def feedback_verb(args, progress: bool) -> int:
 
 
 def train_rm_verb(args, progress: bool) -> int:
-    from .stages.feedback import read_feedback
+    from .records import read_feedback
     from .stages.train_rm import train_reward_model
 
     pairs = [r for path in args.feedback for r in read_feedback(path) if r["type"] == "pairwise_feedback"]

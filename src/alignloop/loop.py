@@ -30,7 +30,7 @@ from .stages.evaluate import evaluate_policy, mean_reward, paired_difference
 from .stages.feedback import binary_feedback, pairwise_feedback
 from .stages.label import BATCHES_PER_CHUNK, label_records
 from .stages.sample import sample_records
-from .stages.train import train_round, training_input
+from .stages.train import has_training_signal, read_training_records, train_round, training_input
 from .table import round_metrics
 
 
@@ -225,9 +225,9 @@ def train_stage(run: Run, r: int, policy: str, reference: str, resume: Path | No
     them); a round with nothing to learn from keeps the policy it had."""
     config = run.config
     rdir = run.round_dir(r)
-    trains_on = training_input(config.loss.name)
-    train_input = rdir / {"scored": "scored.jsonl", "feedback": "feedback.jsonl"}[trains_on]
-    if not has_training_signal(run, r, trains_on, train_input):
+    train_input = rdir / {"scored": "scored.jsonl", "feedback": "feedback.jsonl"}[training_input(config.loss.name)]
+    records = read_training_records(config.loss.name, train_input)
+    if not has_training_signal(config.loss.name, records):
         return run.stage(r, "train") or run.mark_done(r, "train", rdir, {"skipped": "no feedback", "seconds": 0.0,
                                                                          "policy_out": policy})
     checkpoint = rdir / "checkpoint"
@@ -235,7 +235,7 @@ def train_stage(run: Run, r: int, policy: str, reference: str, resume: Path | No
     def compute() -> dict:
         sampler.sleep()  # on a GPU the engine gives its memory to the trainer until it samples again
         summary = train_round(
-            read_records(train_input), policy=policy, reference=reference, out_dir=checkpoint, resume=resume,
+            records, policy=policy, reference=reference, out_dir=checkpoint, resume=resume,
             loss=config.loss, optim=config.optim, seed=config.seed, round_index=r,
             trust_remote_code=config.trust_remote_code, progress=progress,
             log=lambda row: run.log({"event": "train_step", **row}),
@@ -244,18 +244,6 @@ def train_stage(run: Run, r: int, policy: str, reference: str, resume: Path | No
                 "policy_out": str(checkpoint), "weights_sha256": weights_sha256(str(checkpoint)), "summary": summary}
 
     return run.once(r, "train", checkpoint, compute)
-
-
-def has_training_signal(run: Run, r: int, trains_on: str, train_input: Path) -> bool:
-    """Whether the round gives the loss anything to learn from: some feedback, or, for a loss that trains on
-    scored samples, a prompt whose samples differ in reward (otherwise every group-relative advantage is 0)."""
-    if trains_on == "feedback":
-        return run.stage(r, "feedback")["count"] > 0
-    groups: dict[str, set] = {}
-    for record in read_records(train_input):
-        if record.get("reward") is not None:
-            groups.setdefault(record["prompt_id"], set()).add(record["reward"])
-    return any(len(rewards) > 1 for rewards in groups.values())
 
 
 def eval_stage(run: Run, key: int | str, round_index: int, policy: str, heldout: list[dict], labeler,

@@ -67,6 +67,11 @@ class Objective:
     def examples(self, records: list[dict], tokenizer, max_length: int, seed: int) -> list[Example]:
         raise NotImplementedError
 
+    def has_signal(self, records: list[dict]) -> bool:
+        """Whether the round's records (the stage output named by `trains_on`) give the loss anything to learn
+        from; a round without is skipped and keeps its policy."""
+        return bool(records)
+
     def reference_logps(self, model, batch: list[Example], pad_id: int) -> list[list[float]]:
         """Each example's `Example.reference_logps`, scored by `model` (the frozen reference)."""
         raise NotImplementedError
@@ -179,7 +184,21 @@ class GRPO(Objective):
     trains_on = "scored"
 
     def examples(self, records, tokenizer, max_length, seed):
-        """Groups whose outputs all score the same carry no signal and are left out."""
+        """An output whose advantage is 0 (all of a group scoring the same, say) carries no signal and is left out."""
+        examples = []
+        for record, advantage in self._advantages(records):
+            if advantage != 0.0:
+                prompt = encode_prompt(tokenizer, record["prompt"])
+                response = encode_response(tokenizer, record["output"])
+                examples.append(Example(prompt[-max_length // 2 :], [response[: max_length // 2]], advantage=advantage))
+        return examples
+
+    def has_signal(self, records):
+        """Some prompt whose samples differ in reward: otherwise every advantage is 0."""
+        return any(advantage != 0.0 for _, advantage in self._advantages(records))
+
+    def _advantages(self, records: list[dict]) -> list[tuple[dict, float]]:
+        """Each scored sample (reward not null) with its reward relative to its prompt's group."""
         if records and "reward" not in records[0]:
             raise TrainingError(f"loss '{self.loss}' trains on scored samples (scored.jsonl), not on feedback records")
         scored = [r for r in records if r.get("reward") is not None]
@@ -188,12 +207,7 @@ class GRPO(Objective):
         ids = {pid: i for i, pid in enumerate(dict.fromkeys(r["prompt_id"] for r in scored))}
         advantages = group_advantages(torch.tensor([float(r["reward"]) for r in scored], dtype=torch.float64),
                                       torch.tensor([ids[r["prompt_id"]] for r in scored]))
-        examples = []
-        for r, a in zip(scored, advantages.tolist()):
-            if a != 0.0:
-                prompt = encode_prompt(tokenizer, r["prompt"])
-                examples.append(Example(prompt[-max_length // 2 :], [encode_response(tokenizer, r["output"])[: max_length // 2]], advantage=a))
-        return examples
+        return list(zip(scored, advantages.tolist()))
 
     def reference_logps(self, model, batch, pad_id):
         """Per token: GRPO's KL penalty is per token."""
@@ -224,14 +238,14 @@ def _feedback_examples(records: list[dict], tokenizer, max_length: int, preferre
     `preferred_only`). Each is cut to `max_length` tokens: the end of each response is kept, the prompt is
     cut from the left."""
     examples = []
-    for r in records:
-        prompt = encode_prompt(tokenizer, r["prompt"])
-        if r["type"] == "pairwise_feedback":
-            chosen, rejected = chosen_and_rejected(r)
+    for record in records:
+        prompt = encode_prompt(tokenizer, record["prompt"])
+        if record["type"] == "pairwise_feedback":
+            chosen, rejected = chosen_and_rejected(record)
             texts = [chosen] if preferred_only else [chosen, rejected]
             examples.append(Example(prompt, [encode_response(tokenizer, text) for text in texts]))
-        elif r["label"] or not preferred_only:
-            examples.append(Example(prompt, [encode_response(tokenizer, r["output"])], desirable=bool(r["label"])))
+        elif record["label"] or not preferred_only:
+            examples.append(Example(prompt, [encode_response(tokenizer, record["output"])], desirable=bool(record["label"])))
     for e in examples:
         budget = max_length - max(len(x) for x in e.responses)
         e.prompt = e.prompt[-budget:] if budget > 0 else e.prompt[-1:]

@@ -27,7 +27,7 @@ def where(path: str | Path, line: int | None) -> str:
 
 def read_located(path: str | Path) -> list[tuple[dict, str, int | None]]:
     """All records of a JSONL file, a JSON array file, or a Parquet file, in file order, each with where it
-    sits as (record, label, line) for `where(label, line)`: JSONL records carry their 1-based line, array
+    sits as (record, source, line) for `where(source, line)`: JSONL records carry their 1-based line, array
     and Parquet records a label "file: item i" / "file: row i"."""
     path = Path(path)
     if not path.exists():
@@ -145,14 +145,153 @@ def pairs_to_binary(pairs: list[dict]) -> list[dict]:
     return records
 
 
+def read_samples(path) -> list[dict]:
+    """Sample records, each checked for the fields a labeler needs (errors name file, line and field)."""
+    samples = []
+    for s, source, line in read_located(path):
+        require(s, "prompt_id", (str, int), source, line)
+        normalize_prompt(require(s, "prompt", (str, list), source, line), source, line)
+        require(s, "output", str, source, line)
+        samples.append(s)
+    return samples
+
+
+
+
+def read_scored(path: str | Path) -> list[dict]:
+    """Scored samples, validated, each error naming file:line and field.
+
+    prompt_id becomes a string, prompt a list of turns; output must be a string; reward must be present and
+    be a finite number or null (null = the labeler could not score it). Other fields are carried untouched.
+    """
+    samples = []
+    for record, source, line in read_located(path):
+        sample = dict(record)
+        sample["prompt_id"] = _prompt_id(record, source, line, required=True)
+        sample["prompt"] = normalize_prompt(require(record, "prompt", (str, list), source, line), source, line)
+        require(record, "output", str, source, line)
+        sample["reward"] = _reward(record, "reward", source, line, required=True)
+        if "sample_id" in record:
+            require(record, "sample_id", int, source, line)
+        samples.append(sample)
+    return samples
+
+
+def read_feedback(path: str | Path) -> list[dict]:
+    """Pairwise and/or binary feedback in the contract format, validated and normalised for the trainer.
+
+    Accepted on input, besides the contract records:
+    - HALOs JSON arrays: outputs as lists of assistant turns (joined to text), labels as 0/1, "prompt_key"
+      in place of "prompt_id";
+    - TRL preference records {"prompt", "chosen", "rejected"}: read as a pair with A = chosen, label 1, and
+      null rewards (TRL records carry none).
+    A record without prompt_id gets one derived from a hash of its prompt, so identical prompts share it.
+    Output fields become strings, pairwise labels 0/1, binary labels booleans.
+    """
+    feedback = []
+    for record, source, line in read_located(path):
+        kind = record.get("type")
+        if kind is None:
+            kind = _guess_type(record, source, line)
+        if kind == "pairwise_feedback":
+            feedback.append(_read_pair(record, source, line))
+        elif kind == "binary_feedback":
+            feedback.append(_read_binary(record, source, line))
+        elif kind == "trl_preference":
+            feedback.append(_read_trl(record, source, line))
+        else:
+            raise RecordError(f"{where(source, line)}: field 'type' must be pairwise_feedback or binary_feedback, got {kind!r}")
+    return feedback
+
+
+def _guess_type(record: dict, source: str, line: int | None) -> str:
+    if "chosen" in record or "rejected" in record:
+        return "trl_preference"
+    if "output_A" in record or "output_B" in record:
+        return "pairwise_feedback"
+    if "output" in record:
+        return "binary_feedback"
+    raise RecordError(f"{where(source, line)}: missing field 'type' (and no output_A/output_B, output or chosen/rejected to tell the kind)")
+
+
+def _read_pair(record: dict, source: str, line: int | None) -> dict:
+    pair = dict(record)
+    pair["type"] = "pairwise_feedback"
+    pair["prompt_id"] = _prompt_id(record, source, line)
+    pair["prompt"] = normalize_prompt(require(record, "prompt", (str, list), source, line), source, line)
+    for field in ("output_A", "output_B"):
+        require(record, field, (str, list), source, line)
+        pair[field] = output_text(record[field], source, line, field)
+    value = require(record, "label", (int, bool), source, line)
+    if value not in (0, 1):
+        raise RecordError(f"{where(source, line)}: field 'label' must be 0 or 1, got {value!r}")
+    pair["label"] = int(value)
+    for field in ("reward_A", "reward_B", "reward_difference"):
+        pair[field] = _reward(record, field, source, line, required=False)
+    return pair
+
+
+def _read_binary(record: dict, source: str, line: int | None) -> dict:
+    item = dict(record)
+    item["type"] = "binary_feedback"
+    item["prompt_id"] = _prompt_id(record, source, line)
+    item["prompt"] = normalize_prompt(require(record, "prompt", (str, list), source, line), source, line)
+    require(record, "output", (str, list), source, line)
+    item["output"] = output_text(record["output"], source, line)
+    value = require(record, "label", (bool, int), source, line)
+    if value not in (0, 1):
+        raise RecordError(f"{where(source, line)}: field 'label' must be true/false (or 0/1), got {value!r}")
+    item["label"] = bool(value)
+    item["reward"] = _reward(record, "reward", source, line, required=False)
+    return item
+
+
+def _read_trl(record: dict, source: str, line: int | None) -> dict:
+    pair = {k: v for k, v in record.items() if k not in ("chosen", "rejected")}
+    pair["type"] = "pairwise_feedback"
+    pair["prompt"] = normalize_prompt(require(record, "prompt", (str, list), source, line), source, line)
+    pair["prompt_id"] = _prompt_id(record, source, line)
+    for field, target in (("chosen", "output_A"), ("rejected", "output_B")):
+        require(record, field, (str, list), source, line)
+        pair[target] = output_text(record[field], source, line, field)
+    pair["label"] = 1
+    for field in ("reward_A", "reward_B", "reward_difference"):
+        pair[field] = None
+    return pair
+
+
+def _prompt_id(record: dict, source: str, line: int | None, required: bool = False) -> str:
+    """prompt_id as a string (ints accepted); if not required, prompt_key or a hash of the prompt stands in."""
+    if required or "prompt_id" in record:
+        return str(require(record, "prompt_id", (str, int), source, line))
+    if "prompt_key" in record:
+        return str(require(record, "prompt_key", (str, int), source, line))
+    prompt = normalize_prompt(require(record, "prompt", (str, list), source, line), source, line)
+    digest = hashlib.sha256(json.dumps(prompt, sort_keys=True, ensure_ascii=False).encode("utf-8")).hexdigest()
+    return f"h{digest[:16]}"
+
+
+def _reward(record: dict, field: str, source: str, line: int | None, required: bool) -> float | None:
+    """A reward: a finite number or null. NaN/inf (which Python's json accepts) and strings are errors."""
+    if field not in record:
+        if required:
+            raise RecordError(f"{where(source, line)}: missing field '{field}'")
+        return None
+    value = record[field]
+    if value is None or is_number(value):
+        return value
+    shown = repr(value) if isinstance(value, (float, str)) else type(value).__name__
+    raise RecordError(f"{where(source, line)}: field '{field}' must be a finite number or null, got {shown}")
+
+
 def read_prompts(path: str | Path) -> list[dict]:
     """Prompt records with a normalised 'prompt' and a 'prompt_id' (made from the position if absent)."""
     prompts = []
-    for i, (record, label, line) in enumerate(read_located(path)):
+    for i, (record, source, line) in enumerate(read_located(path)):
         if "prompt" not in record:
-            raise RecordError(f"{where(label, line)}: missing field 'prompt'")
+            raise RecordError(f"{where(source, line)}: missing field 'prompt'")
         record = dict(record)
-        record["prompt"] = normalize_prompt(record["prompt"], label, line)
+        record["prompt"] = normalize_prompt(record["prompt"], source, line)
         record["prompt_id"] = str(record.get("prompt_id", f"p{i:06d}"))
         prompts.append(record)
     return prompts

@@ -18,24 +18,12 @@ so a signed value would only repeat it, and files stay interchangeable with HALO
 
 from __future__ import annotations
 
-import hashlib
-import json
 import random
 import statistics
 from pathlib import Path
 from typing import Any
 
-from ..records import (
-    RecordError,
-    binary_record,
-    is_number,
-    normalize_prompt,
-    output_text,
-    read_located,
-    require,
-    where,
-    write_records,
-)
+from ..records import binary_record, is_number, read_scored, write_records
 
 PAIRWISE_MODES = ("random", "max", "min")
 BINARY_STATISTICS = ("mean", "median")
@@ -183,137 +171,6 @@ def _binary_threshold(threshold: Any, rewards: list[float]) -> float | None:
     if value is None:
         raise ValueError(f"binary threshold must be one of {', '.join(BINARY_STATISTICS)} or a number, got {threshold!r}")
     return value
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Reading
-# --------------------------------------------------------------------------------------------------------------
-
-
-def read_scored(path: str | Path) -> list[dict]:
-    """Scored samples, validated, each error naming file:line and field.
-
-    prompt_id becomes a string, prompt a list of turns; output must be a string; reward must be present and
-    be a finite number or null (null = the labeler could not score it). Other fields are carried untouched.
-    """
-    samples = []
-    for record, label, line in read_located(path):
-        sample = dict(record)
-        sample["prompt_id"] = _prompt_id(record, label, line, required=True)
-        sample["prompt"] = normalize_prompt(require(record, "prompt", (str, list), label, line), label, line)
-        require(record, "output", str, label, line)
-        sample["reward"] = _reward(record, "reward", label, line, required=True)
-        if "sample_id" in record:
-            require(record, "sample_id", int, label, line)
-        samples.append(sample)
-    return samples
-
-
-def read_feedback(path: str | Path) -> list[dict]:
-    """Pairwise and/or binary feedback in the contract format, validated and normalised for the trainer.
-
-    Accepted on input, besides the contract records:
-    - HALOs JSON arrays: outputs as lists of assistant turns (joined to text), labels as 0/1, "prompt_key"
-      in place of "prompt_id";
-    - TRL preference records {"prompt", "chosen", "rejected"}: read as a pair with A = chosen, label 1, and
-      null rewards (TRL records carry none).
-    A record without prompt_id gets one derived from a hash of its prompt, so identical prompts share it.
-    Output fields become strings, pairwise labels 0/1, binary labels booleans.
-    """
-    feedback = []
-    for record, label, line in read_located(path):
-        kind = record.get("type")
-        if kind is None:
-            kind = _guess_type(record, label, line)
-        if kind == "pairwise_feedback":
-            feedback.append(_read_pair(record, label, line))
-        elif kind == "binary_feedback":
-            feedback.append(_read_binary(record, label, line))
-        elif kind == "trl_preference":
-            feedback.append(_read_trl(record, label, line))
-        else:
-            raise RecordError(f"{where(label, line)}: field 'type' must be pairwise_feedback or binary_feedback, got {kind!r}")
-    return feedback
-
-
-def _guess_type(record: dict, label: str, line: int | None) -> str:
-    if "chosen" in record or "rejected" in record:
-        return "trl_preference"
-    if "output_A" in record or "output_B" in record:
-        return "pairwise_feedback"
-    if "output" in record:
-        return "binary_feedback"
-    raise RecordError(f"{where(label, line)}: missing field 'type' (and no output_A/output_B, output or chosen/rejected to tell the kind)")
-
-
-def _read_pair(record: dict, label: str, line: int | None) -> dict:
-    pair = dict(record)
-    pair["type"] = "pairwise_feedback"
-    pair["prompt_id"] = _prompt_id(record, label, line)
-    pair["prompt"] = normalize_prompt(require(record, "prompt", (str, list), label, line), label, line)
-    for field in ("output_A", "output_B"):
-        require(record, field, (str, list), label, line)
-        pair[field] = output_text(record[field], label, line, field)
-    value = require(record, "label", (int, bool), label, line)
-    if value not in (0, 1):
-        raise RecordError(f"{where(label, line)}: field 'label' must be 0 or 1, got {value!r}")
-    pair["label"] = int(value)
-    for field in ("reward_A", "reward_B", "reward_difference"):
-        pair[field] = _reward(record, field, label, line, required=False)
-    return pair
-
-
-def _read_binary(record: dict, label: str, line: int | None) -> dict:
-    item = dict(record)
-    item["type"] = "binary_feedback"
-    item["prompt_id"] = _prompt_id(record, label, line)
-    item["prompt"] = normalize_prompt(require(record, "prompt", (str, list), label, line), label, line)
-    require(record, "output", (str, list), label, line)
-    item["output"] = output_text(record["output"], label, line)
-    value = require(record, "label", (bool, int), label, line)
-    if value not in (0, 1):
-        raise RecordError(f"{where(label, line)}: field 'label' must be true/false (or 0/1), got {value!r}")
-    item["label"] = bool(value)
-    item["reward"] = _reward(record, "reward", label, line, required=False)
-    return item
-
-
-def _read_trl(record: dict, label: str, line: int | None) -> dict:
-    pair = {k: v for k, v in record.items() if k not in ("chosen", "rejected")}
-    pair["type"] = "pairwise_feedback"
-    pair["prompt"] = normalize_prompt(require(record, "prompt", (str, list), label, line), label, line)
-    pair["prompt_id"] = _prompt_id(record, label, line)
-    for field, target in (("chosen", "output_A"), ("rejected", "output_B")):
-        require(record, field, (str, list), label, line)
-        pair[target] = output_text(record[field], label, line, field)
-    pair["label"] = 1
-    for field in ("reward_A", "reward_B", "reward_difference"):
-        pair[field] = None
-    return pair
-
-
-def _prompt_id(record: dict, label: str, line: int | None, required: bool = False) -> str:
-    """prompt_id as a string (ints accepted); if not required, prompt_key or a hash of the prompt stands in."""
-    if required or "prompt_id" in record:
-        return str(require(record, "prompt_id", (str, int), label, line))
-    if "prompt_key" in record:
-        return str(require(record, "prompt_key", (str, int), label, line))
-    prompt = normalize_prompt(require(record, "prompt", (str, list), label, line), label, line)
-    digest = hashlib.sha256(json.dumps(prompt, sort_keys=True, ensure_ascii=False).encode("utf-8")).hexdigest()
-    return f"h{digest[:16]}"
-
-
-def _reward(record: dict, field: str, label: str, line: int | None, required: bool) -> float | None:
-    """A reward: a finite number or null. NaN/inf (which Python's json accepts) and strings are errors."""
-    if field not in record:
-        if required:
-            raise RecordError(f"{where(label, line)}: missing field '{field}'")
-        return None
-    value = record[field]
-    if value is None or is_number(value):
-        return value
-    shown = repr(value) if isinstance(value, (float, str)) else type(value).__name__
-    raise RecordError(f"{where(label, line)}: field '{field}' must be a finite number or null, got {shown}")
 
 
 def _as_number(value: Any) -> float | None:

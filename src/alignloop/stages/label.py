@@ -8,19 +8,7 @@ from __future__ import annotations
 
 from tqdm import tqdm
 
-from ..records import RecordError, normalize_prompt, read_located, require
-
-
-def read_samples(path) -> list[dict]:
-    """Sample records, each checked for the fields a labeler needs (errors name file, line and field)."""
-    samples = []
-    for s, label, line in read_located(path):
-        require(s, "prompt_id", (str, int), label, line)
-        normalize_prompt(require(s, "prompt", (str, list), label, line), label, line)
-        require(s, "output", str, label, line)
-        samples.append(s)
-    return samples
-
+from ..records import RecordError
 
 # A labeler's `score` sees one chunk at a time: a reward model sorts a chunk by length and an API judge fans it
 # out, so a chunk is many forward batches; few enough that the progress bar still moves.

@@ -26,7 +26,7 @@ from ..checkpoint import load_training_state, save_checkpoint
 from ..config import LossConfig, OptimConfig
 from ..models import inference_device, load_causal_lm, load_tokenizer
 from ..objectives import OBJECTIVES, Example, TrainingError, TrainsOn
-from .feedback import read_feedback, read_scored
+from ..records import read_feedback, read_scored
 
 REFERENCE_DTYPE = "float32"  # the reference's weights while it scores the round's examples, once
 
@@ -39,6 +39,11 @@ def training_input(loss: str) -> TrainsOn:
 def read_training_records(loss: str, path: str | Path) -> list[dict]:
     """The records a loss trains on, read and checked (errors name the file, line and field)."""
     return read_scored(path) if training_input(loss) == "scored" else read_feedback(path)
+
+
+def has_training_signal(loss: str, records: list[dict]) -> bool:
+    """Whether a round's training records give the loss anything to learn from (`Objective.has_signal`)."""
+    return OBJECTIVES[loss].has_signal(records)
 
 
 def build_examples(records: list[dict], loss: str, tokenizer, max_length: int, seed: int) -> list[Example]:
