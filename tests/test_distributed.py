@@ -1,15 +1,28 @@
-"""The trainer under real data parallelism: two processes on the CPU (torchrun, gloo backend)."""
+"""The loop and the trainer under real data parallelism: processes on this CPU started by torch's launcher
+(`python -m torch.distributed.run`, gloo), compared with one process.
+
+What needs GPUs cannot run here: NCCL, vLLM engines per process or in tensor-parallel groups, DeepSpeed. The
+README's recipes cover them; they are checked on a GPU machine when one is lent, never by these tests.
+"""
 
 import json
-from pathlib import Path
+import os
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from conftest import launcher_problem, torchrun
+from test_loop import record_files, stage_hashes
+
+# The launcher gives each of several processes one thread; a lone process gets one too, so that its float sums
+# run in the same order and "the same records" can be asked byte for byte. CPU only, even on a GPU machine.
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONUNBUFFERED": "1"}
 
 PAIRS = [
     {"type": "pairwise_feedback", "prompt_id": f"p{i}", "prompt": [{"role": "user", "content": f"Say hi {i}."}],
@@ -19,29 +32,152 @@ PAIRS = [
 ]
 
 
-def train_cmd(launcher, feedback, out, policy, accumulation):
+def train_cmd(launcher, feedback, out, policy, batch_size, accumulation, *extra):
     return [*launcher, "-m", "alignloop", "--no-progress", "train", str(feedback), "--out", str(out), "--policy", policy,
-            "--batch-size", "2", "--gradient-accumulation-steps", str(accumulation), "--lr", "1e-3",
-            "--warmup-steps", "0", "--epochs", "1", "--mixed-precision", "no"]
+            "--batch-size", str(batch_size), "--gradient-accumulation-steps", str(accumulation), "--lr", "1e-3",
+            "--warmup-steps", "0", "--epochs", "1", "--mixed-precision", "no", *extra]
 
 
 @pytest.mark.requires(launcher_problem())
-def test_two_processes_equal_one_process_with_gradient_accumulation(tiny_model, tmp_path):
-    """Two DDP processes with micro-batches of 2 average their gradients; one process accumulating two
-    micro-batches of 2 takes the same optimizer steps, so the weights must agree."""
+def test_two_processes_take_the_steps_of_one_process(tiny_model, tmp_path):
+    """A micro-batch of 4 examples is split 2 + 2 between two DDP processes, which average their gradients;
+    with two micro-batches accumulated per step, both take the optimizer steps one process takes on the
+    whole micro-batches, so the weights must agree."""
     feedback = tmp_path / "feedback.jsonl"
     feedback.write_text("".join(json.dumps(p) + "\n" for p in PAIRS))
     two, one = tmp_path / "two", tmp_path / "one"
-    r2 = subprocess.run(train_cmd(torchrun(2), feedback, two, tiny_model, 1), capture_output=True, text=True, timeout=600)
+    r2 = subprocess.run(train_cmd(torchrun(2), feedback, two, tiny_model, 4, 2), capture_output=True, text=True,
+                        timeout=600, env=ENV)
     assert r2.returncode == 0, r2.stderr[-3000:]
-    r1 = subprocess.run(train_cmd([sys.executable], feedback, one, tiny_model, 2), capture_output=True, text=True, timeout=600)
+    r1 = subprocess.run(train_cmd([sys.executable], feedback, one, tiny_model, 4, 2), capture_output=True, text=True,
+                        timeout=600, env=ENV)
     assert r1.returncode == 0, r1.stderr[-3000:]
 
     state2 = json.loads((two / "training_state" / "trainer_state.json").read_text())
     state1 = json.loads((one / "training_state" / "trainer_state.json").read_text())
-    assert state2["global_step"] == state1["global_step"] == 2
-    w2, w1, w0 = (load_file(str(p / "model.safetensors")) for p in (two, one, Path(tiny_model)))
-    assert w2.keys() == w1.keys()
-    for key in w1:
-        torch.testing.assert_close(w2[key], w1[key], atol=2e-6, rtol=1e-4)
+    assert state2["global_step"] == state1["global_step"] == 1  # 8 pairs = 2 micro-batches of 4 = 1 step
+    assert_close_weights(two, one, atol=2e-6)
+    w1, w0 = (load_file(str(p / "model.safetensors")) for p in (one, Path(tiny_model)))
     assert any(not torch.equal(w1[k], w0[k]) for k in w1)  # and training did move the weights
+
+
+def assert_close_weights(a: Path, b: Path, atol: float) -> None:
+    """Weights and AdamW moments of two checkpoints agree within `atol`."""
+    for name in ("model.safetensors", "training_state/optimizer.safetensors"):
+        wa, wb = load_file(str(a / name)), load_file(str(b / name))
+        assert wa.keys() == wb.keys()
+        for key in wa:
+            torch.testing.assert_close(wa[key], wb[key], atol=atol, rtol=1e-4, msg=lambda m: f"{name} {key}: {m}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The whole loop: 2 rounds on the tiny model, labeled by a tiny reward model whose forward passes are shared
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def loop_config(tiny_model, smollm2_path, tmp_path_factory) -> Path:
+    """Batches that do not divide evenly between two processes: 3 examples per training micro-batch, 4 samples
+    per reward-model batch (18 samples: 5 batches), 6 sequences per sampling batch."""
+    from transformers import AutoTokenizer
+
+    from test_reward_model import build_rm
+
+    folder = tmp_path_factory.mktemp("loop-config")
+    rm = build_rm(folder / "rm", AutoTokenizer.from_pretrained(smollm2_path), 1, None)
+    config = folder / "config.yaml"
+    config.write_text(f"""\
+policy: {tiny_model}
+prompts_per_round: 6
+total_prompts: 12
+samples_per_prompt: 3
+heldout: {{limit: 6}}
+sampler: {{max_new_tokens: 12, dtype: float32, batch_size: 6}}
+labeler: {{kind: reward_model, path: {rm}, dtype: float32, batch_size: 4}}
+optim: {{batch_size: 3, epochs: 1, lr: 1.0e-3, mixed_precision: "no"}}
+""")
+    return config
+
+
+def run_cmd(processes: int, config: Path, run_dir: Path) -> list[str]:
+    launcher = torchrun(processes) if processes > 1 else [sys.executable]
+    return [*launcher, "-m", "alignloop", "--no-progress", "run", str(config), "--set", f"run_dir={run_dir}"]
+
+
+def run(processes: int, config: Path, run_dir: Path, crash_at: str | None = None) -> subprocess.CompletedProcess:
+    env = {**ENV, "ALIGNLOOP_CRASH_AT": crash_at} if crash_at else ENV
+    return subprocess.run(run_cmd(processes, config, run_dir), capture_output=True, text=True, timeout=600, env=env)
+
+
+@pytest.fixture(scope="module")
+def one_process_run(loop_config, tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("one") / "run"
+    result = run(1, loop_config, run_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def two_process_run(loop_config, tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("two") / "run"
+    result = run(2, loop_config, run_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("held-out reward") == 1  # the main process alone prints the table
+    return run_dir
+
+
+def final_checkpoint(run_dir: Path) -> Path:
+    return run_dir / "rounds/r001/checkpoint"
+
+
+@pytest.mark.requires(launcher_problem())
+def test_two_process_run_writes_the_records_of_one_process(one_process_run, two_process_run):
+    """Sampling, reward-model scoring, reference log-probs and training shared between two processes: the
+    samples, scores, feedback and held-out answers of both rounds are byte for byte those of one process (so
+    round 1 sampled from the same policy), and the weights and moments agree to float32 rounding."""
+    files = record_files(two_process_run)
+    assert len(files) == 9 and files == record_files(one_process_run)
+    assert_close_weights(final_checkpoint(two_process_run), final_checkpoint(one_process_run), atol=1e-5)
+    steps = [json.loads(line) for line in (two_process_run / "metrics.jsonl").read_text().splitlines()]
+    assert len([s for s in steps if s["event"] == "train_step"]) == 4  # 2 rounds x 6 pairs / 3 a step, logged once
+
+
+@pytest.mark.requires(launcher_problem())
+@pytest.mark.parametrize("before, after", [(2, 1), (1, 2)])
+def test_resume_with_another_number_of_processes(before, after, loop_config, one_process_run, tmp_path):
+    """A run killed after round 0 resumes under another number of processes: round 1 starts from round 0's
+    checkpoint, its AdamW moments and scheduler position, and ends where an uninterrupted run ends."""
+    run_dir = tmp_path / "run"
+    crashed = run(before, loop_config, run_dir, crash_at="mark_done.eval#2")  # round 0's held-out eval written
+    assert crashed.returncode != 0 and (run_dir / "rounds/r000/checkpoint").is_dir()
+    assert not (run_dir / "rounds/r001").exists()
+    resumed = run(after, loop_config, run_dir)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert record_files(run_dir) == record_files(one_process_run)
+    # Moments restarted from zero at round 1 would be far off after its two steps.
+    assert_close_weights(final_checkpoint(run_dir), final_checkpoint(one_process_run), atol=1e-5)
+    state = json.loads((final_checkpoint(run_dir) / "training_state/trainer_state.json").read_text())
+    assert state["global_step"] == 4 and [r["round"] for r in state["rounds"]] == [0, 1]
+
+
+@pytest.mark.requires(launcher_problem())
+def test_kill_9_of_the_whole_job_mid_round_then_rerun(loop_config, two_process_run, tmp_path):
+    """The launcher and both processes SIGKILLed at once (as a scheduler ends a job) while round 1 trains;
+    the same command again ends with exactly the records, manifest hashes and weights of a run that never
+    stopped, and no temporary files."""
+    run_dir = tmp_path / "run"
+    job = subprocess.Popen(run_cmd(2, loop_config, run_dir), env=ENV, start_new_session=True,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while "feedback" not in json.loads((run_dir / "manifest.json").read_text() if (run_dir / "manifest.json").exists()
+                                       else "{}").get("rounds", {}).get("1", {}):
+        assert job.poll() is None and time.time() < deadline, "the run ended before the kill point"
+        time.sleep(0.05)
+    os.killpg(job.pid, signal.SIGKILL)
+    job.wait()
+    assert not (run_dir / "rounds/r001/heldout.jsonl").exists()
+    rerun = run(2, loop_config, run_dir)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert record_files(run_dir) == record_files(two_process_run)
+    assert stage_hashes(run_dir) == stage_hashes(two_process_run)
+    assert not list(run_dir.glob("**/*.tmp")) and not list(run_dir.glob("**/.*.tmp"))

@@ -323,7 +323,7 @@ def spy(loss, params, model, batch, pad_id, kl_override=None):
 train.loss_on_batch = spy
 records = [json.loads(line) for line in open(feedback)]
 from alignloop.config import LossConfig, OptimConfig
-optim = OptimConfig(lr=1e-3, batch_size=2, epochs=1, warmup_steps=0, mixed_precision="no")
+optim = OptimConfig(lr=1e-3, batch_size=4, epochs=1, warmup_steps=0, mixed_precision="no")
 train.train_round(records, policy=policy, reference=reference, out_dir=out + "/ckpt", resume=None, loss=LossConfig(name="kto"), optim=optim,
                   progress=False)
 rank = torch.distributed.get_rank()
@@ -343,7 +343,7 @@ def test_two_process_kto_steps_share_one_reference_point(tiny_model, moved_polic
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     rank0, rank1 = (json.loads((tmp_path / f"rank{k}.json").read_text()) for k in (0, 1))
-    assert len(rank0) == len(rank1) == 2  # 8 examples in batches of 2: two steps per process
+    assert len(rank0) == len(rank1) == 2  # 8 examples in batches of 4, each split 2 + 2: two steps
     for a, b in zip(rank0, rank1):
         assert a["local"] != pytest.approx(b["local"], abs=1e-3)  # the processes' own estimates differ...
         assert a["used"] == b["used"] == pytest.approx((a["local"] + b["local"]) / 2, abs=1e-5)  # ...one z0 is used

@@ -160,7 +160,12 @@ def _number_or_word(text: str):
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1  # one of several processes (torchrun, accelerate launch)
     try:
+        if launched:
+            from . import distributed
+
+            distributed.init()
         return VERBS[args.verb](args, not args.no_progress)
     except NothingToDo as e:
         print(f"alignloop: nothing to do: {e}", file=sys.stderr)
@@ -187,6 +192,9 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         print(f"alignloop: error: {type(e).__name__}: {message} (ALIGNLOOP_DEBUG=1 shows the traceback)", file=sys.stderr)
         return 1
+    finally:
+        if launched:
+            distributed.shutdown()
 
 
 def _sections(args, *names: str, extra: dict | None = None) -> dict:
@@ -205,7 +213,8 @@ def run_verb(args, progress: bool) -> int:
     overrides = list(args.set) + ([f"run_dir={args.run_dir}"] if args.run_dir else [])
     config = load_config(args.config, overrides)
     manifest = run_loop(config, progress=progress)
-    print(format_table(config.run_dir))
+    if int(os.environ.get("RANK", "0")) == 0:  # under a launcher, the main process speaks for all
+        print(format_table(config.run_dir))
     if manifest["summary"]["rounds"] == 0:
         raise NothingToDo("no prompts for a first round")
     return 0
@@ -228,8 +237,9 @@ def sample_verb(args, progress: bool) -> int:
                                      seed=c["seed"], progress="sample" if progress else None)
     finally:
         sampler.close()
-    write_records(args.out, records)
-    print(f"wrote {len(records)} samples to {args.out}")
+    if int(os.environ.get("RANK", "0")) == 0:  # under a launcher every process holds all the samples
+        write_records(args.out, records)
+        print(f"wrote {len(records)} samples to {args.out}")
     return 0
 
 
@@ -255,30 +265,23 @@ def label_verb(args, progress: bool) -> int:
 
 
 def _label_with_reward_model(args, config, progress: bool) -> int:
-    """The label verb with a reward model, in one process or many (torchrun / accelerate launch): each
-    process scores a shard, all results are gathered in input order, and only the main process writes."""
-    import torch
-    from accelerate import PartialState
-
+    """The label verb with a reward model, in one process or many (torchrun / accelerate launch): the forward
+    passes are shared among the processes, and only the main process writes."""
+    from . import distributed
+    from .models import inference_device
     from .records import read_samples, write_records
     from .rewards.reward_model import RewardModelLabeler
-    from .stages.label import BATCHES_PER_CHUNK, label_in_processes
+    from .stages.label import label_in_processes
 
     samples = read_samples(args.samples)  # bad input fails before any model is loaded
     if not samples:
         raise NothingToDo(f"{args.samples} holds no samples")
-    state = PartialState(cpu=not torch.cuda.is_available())
-    try:
-        labeler = RewardModelLabeler.from_config(config, device=state.device)
-        scored, counts = label_in_processes(samples, labeler, state, BATCHES_PER_CHUNK * config.batch_size,
-                                            progress="label" if progress else None)
-        if state.is_main_process:
-            write_records(args.out, scored)
-            print(f"wrote {len(scored)} scored samples to {args.out} ({counts['failed']} could not be scored)")
-        state.wait_for_everyone()
-    finally:
-        if state.use_distributed:
-            state.destroy_process_group()
+    labeler = RewardModelLabeler.from_config(config, device=inference_device())
+    scored, counts = label_in_processes(samples, labeler, config.batch_size, progress="label" if progress else None)
+    if distributed.is_main():
+        write_records(args.out, scored)
+        print(f"wrote {len(scored)} scored samples to {args.out} ({counts['failed']} could not be scored)")
+    distributed.barrier()
     return 0
 
 

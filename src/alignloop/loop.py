@@ -5,6 +5,11 @@ Every stage runs through one skeleton, `Run.once`: a stage whose output is compl
 is skipped; otherwise it is computed from its inputs, written atomically, and marked done in `manifest.json`
 with the output's hash. So a run killed at any moment and started again, redoing anything unfinished with
 the same seeds, ends with the same records as one that never stopped.
+
+Under `torchrun` or `accelerate launch` every process runs this same loop (`alignloop.distributed`):
+sampling, a reward model's scoring and training are shared among the processes; a judge or a reward function
+labels, and the feedback is made, on the main process alone. Only the main process writes the run directory;
+the others learn what it decided (a stage done, its manifest entry) from it, never from the files.
 """
 
 from __future__ import annotations
@@ -17,18 +22,19 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from . import distributed
 from .checkpoint import is_checkpoint
 from .config import Config, ConfigError, dump_config, load_saved_config
 from .faults import crash_point
 from .models import resolve_model_path, weights_sha256
 from .prompts.sources import load_prompts
-from .records import atomic_write_text, dumps, file_sha256, read_records, write_json, write_records
+from .records import atomic_write_text, dumps, file_sha256, read_records, read_samples, write_json, write_records
 from .rewards import make_labeler
 from .sampling import Sampler
 from .sampling.placement import trainer_on
-from .stages.evaluate import evaluate_policy, mean_reward, paired_difference
+from .stages.evaluate import heldout_samples, mean_reward, paired_difference
 from .stages.feedback import binary_feedback, pairwise_feedback
-from .stages.label import BATCHES_PER_CHUNK, label_records
+from .stages.label import BATCHES_PER_CHUNK, label_in_processes, label_records
 from .stages.sample import sample_records
 from .stages.train import has_training_signal, read_training_records, train_round, training_input
 from .table import round_metrics
@@ -45,25 +51,32 @@ class Run:
     def open(self) -> None:
         """Start or resume. A resumed run must have the same configuration, compared as parsed configs: a key
         added in a later release, at its default, is not a change."""
-        self.dir.mkdir(parents=True, exist_ok=True)
-        saved = self.dir / "config.yaml"
-        if saved.exists() and load_saved_config(saved) != self.config:
-            raise ConfigError(
-                f"{saved}: this run directory holds a run with a different configuration; "
-                "resume it with the same config or choose another run_dir"
-            )
-        atomic_write_text(saved, dump_config(self.config))
-        if self.manifest_path.exists():
-            self.manifest = json.loads(self.manifest_path.read_text())
-        else:
-            self.manifest = {"format": 1, "rounds": {}}
+        def read_or_start() -> dict:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            saved = self.dir / "config.yaml"
+            if saved.exists() and load_saved_config(saved) != self.config:
+                raise ConfigError(
+                    f"{saved}: this run directory holds a run with a different configuration; "
+                    "resume it with the same config or choose another run_dir"
+                )
+            atomic_write_text(saved, dump_config(self.config))
+            return json.loads(self.manifest_path.read_text()) if self.manifest_path.exists() else {"format": 1, "rounds": {}}
+
+        self.manifest = distributed.on_main(read_or_start)
 
     def save(self) -> None:
-        write_json(self.manifest_path, self.manifest)
+        if distributed.is_main():
+            write_json(self.manifest_path, self.manifest)
 
     def log(self, event: dict) -> None:
-        with open(self.dir / "metrics.jsonl", "a", encoding="utf-8") as f:
-            f.write(dumps({"time": time.time(), **event}) + "\n")
+        if distributed.is_main():
+            with open(self.dir / "metrics.jsonl", "a", encoding="utf-8") as f:
+                f.write(dumps({"time": time.time(), **event}) + "\n")
+
+    def write_records(self, path: Path, records: list[dict]) -> None:
+        """A stage's output, written by the main process (every process holds the same records)."""
+        if distributed.is_main():
+            write_records(path, records)
 
     def policy_id(self, policy: str) -> str:
         """A policy's name in records: relative to the run directory for its own checkpoints, so that
@@ -79,7 +92,11 @@ class Run:
 
     def done(self, r: int | str, name: str, output: Path) -> dict | None:
         """The manifest entry of a completed stage whose output is still there and unchanged: a file with the
-        recorded hash, a complete checkpoint, or a checkpoint deleted on purpose once a newer one was complete."""
+        recorded hash, a complete checkpoint, or a checkpoint deleted on purpose once a newer one was complete.
+        The main process looks; every process gets its answer."""
+        return distributed.on_main(lambda: self._done(r, name, output))
+
+    def _done(self, r: int | str, name: str, output: Path) -> dict | None:
         entry = self.stage(r, name)
         if entry is None or entry.get("status") != "done":
             return None
@@ -90,10 +107,15 @@ class Run:
         return entry if output.is_file() and file_sha256(output) == entry.get("sha256") else None
 
     def mark_done(self, r: int | str, name: str, output: Path, info: dict) -> dict:
-        crash_point(f"mark_done.{name}")
-        entry = {"status": "done", "output": str(output.relative_to(self.dir)), **info}
-        if output.is_file():
-            entry["sha256"] = file_sha256(output)
+        """Record a finished stage (the main process's `info`) in the manifest, on every process."""
+        def entry_of_main() -> dict:
+            crash_point(f"mark_done.{name}")
+            entry = {"status": "done", "output": str(output.relative_to(self.dir)), **info}
+            if output.is_file():
+                entry["sha256"] = file_sha256(output)
+            return entry
+
+        entry = distributed.on_main(entry_of_main)
         self.manifest["rounds"].setdefault(str(r), {})[name] = entry
         self.save()
         self.log({"event": "stage_done", "round": r, "stage": name, **{k: v for k, v in info.items() if k != "summary"}})
@@ -111,7 +133,9 @@ class Run:
 
 
 def run_loop(config: Config, progress: bool = True, echo=print) -> dict:
-    """Run (or resume) the whole loop; returns the manifest."""
+    """Run (or resume) the whole loop; returns the manifest. Under a launcher, every process calls this."""
+    distributed.init()
+    progress = progress and distributed.is_main()
     sampler = Sampler(config.sampler, config.seed, config.trust_remote_code)  # a vLLM that cannot run fails here
     try:
         with trainer_on(sampler.placement):
@@ -123,12 +147,13 @@ def run_loop(config: Config, progress: bool = True, echo=print) -> dict:
 def _run_rounds(config: Config, sampler: Sampler, progress: bool, echo) -> dict:
     run = Run(config)
     run.open()
-    policy0 = resolve_model_path(config.policy)
-    reference = resolve_model_path(config.reference_path)
+    policy0, reference = local_models(config)
     if "sft" not in run.manifest:  # the reference is recorded by path and hash, and never deleted
-        run.manifest["sft"] = {"policy": policy0, "reference": reference, "reference_sha256": weights_sha256(reference)}
+        run.manifest["sft"] = distributed.on_main(
+            lambda: {"policy": policy0, "reference": reference, "reference_sha256": weights_sha256(reference)})
         run.save()
-    labeler = make_labeler(config.labeler, run.dir)
+    # A reward model scores on every process; a judge or a function labels on the main process alone.
+    labeler = make_labeler(config.labeler, run.dir) if labels_in_processes(config) or distributed.is_main() else None
     prompts = load_prompts(config.prompts)
     random.Random(config.seed).shuffle(prompts)
     prompts = prompts[: config.total_prompts]
@@ -143,7 +168,8 @@ def _run_rounds(config: Config, sampler: Sampler, progress: bool, echo) -> dict:
         round_prompts = prompts[start : start + config.prompts_per_round]
         sampled = sample_stage(run, r, round_prompts, start, policy, seed, sampler, show(f"sample r{r:03d}"))
         if sampled["count"] == 0:
-            echo(f"round {r}: no samples; stopping")
+            if distributed.is_main():
+                echo(f"round {r}: no samples; stopping")
             break
         label_stage(run, r, labeler, show(f"label r{r:03d}"))
         feedback_stage(run, r, seed)
@@ -152,13 +178,30 @@ def _run_rounds(config: Config, sampler: Sampler, progress: bool, echo) -> dict:
             policy, resume = str(run.round_dir(r) / "checkpoint"), run.round_dir(r) / "checkpoint"
         if heldout:
             eval_stage(run, r, r, policy, heldout, labeler, sampler, show(f"held-out r{r:03d}"))
-        write_json(run.round_dir(r) / "metrics.json", round_metrics(run.manifest["rounds"], r))
+        if distributed.is_main():
+            write_json(run.round_dir(r) / "metrics.json", round_metrics(run.manifest["rounds"], r))
         cleanup_checkpoints(run, r)
 
-    run.manifest["summary"] = summarize(run)
+    run.manifest["summary"] = distributed.on_main(lambda: summarize(run))
     run.manifest["status"] = "complete"
     run.save()
+    distributed.barrier()
     return run.manifest
+
+
+def local_models(config: Config) -> tuple[str, str]:
+    """The policy's and the reference's folders. The embedded default is converted into a per-machine cache on
+    first use, so one process per machine does it before the others look."""
+    if distributed.local_rank() == 0:
+        resolve_model_path(config.policy), resolve_model_path(config.reference_path)
+    distributed.barrier()
+    return resolve_model_path(config.policy), resolve_model_path(config.reference_path)
+
+
+def labels_in_processes(config: Config) -> bool:
+    """Whether the labeler's work is shared among the processes (a reward model's forward passes); a judge's
+    requests and a reward function run once, on the main process."""
+    return config.labeler.kind == "reward_model"
 
 
 def sample_stage(run: Run, r: int, prompts: list[dict], start: int, policy: str, seed: int, sampler: Sampler,
@@ -178,7 +221,7 @@ def sample_stage(run: Run, r: int, prompts: list[dict], start: int, policy: str,
             if config.sampler.sync_samples:  # a stale engine stops the run here, before its samples are kept
                 vllm_info["weight_sync"] = sampler.vllm.check_sync(policy, config.sampler.sync_tolerance,
                                                                   config.sampler.sync_samples, config.trust_remote_code)
-        write_records(out, samples)
+        run.write_records(out, samples)
         return {"policy": policy, "prompts": len(prompts), "prompt_slice": [start, start + len(prompts)],
                 "count": len(samples), "input_sha256": hashlib.sha256("".join(dumps(p) for p in prompts).encode()).hexdigest(),
                 "seed": seed, "backend": config.sampler.backend, **vllm_info}
@@ -191,14 +234,26 @@ def label_stage(run: Run, r: int, labeler, progress: str | None) -> dict:
     samples, out = run.round_dir(r) / "samples.jsonl", run.round_dir(r) / "scored.jsonl"
 
     def compute() -> dict:
-        labeler.reset_stats()  # a judge counts parses, failures, tokens and cost per stage
-        scored, counts = label_records(read_records(samples), labeler, BATCHES_PER_CHUNK * run.config.labeler.batch_size,
-                                       progress)
-        write_records(out, scored)
-        return {"input_sha256": file_sha256(samples), "labeler": labeler.name, **labeler.stats, **counts,
-                "reward": mean_reward(scored)}
+        scored, stats = label(run.config, read_samples(samples), labeler, progress)
+        run.write_records(out, scored)
+        return {"input_sha256": file_sha256(samples), **stats, "reward": mean_reward(scored)}
 
     return run.once(r, "label", out, compute)
+
+
+def label(config: Config, samples: list[dict], labeler, progress: str | None) -> tuple[list[dict], dict]:
+    """The scored samples, on every process, and what to record of the labeling: the labeler's name, its
+    stats (a judge counts parses, failures, tokens and cost per stage) and the counts."""
+    def once() -> tuple[list[dict], dict]:
+        labeler.reset_stats()
+        scored, counts = label_records(samples, labeler, BATCHES_PER_CHUNK * config.labeler.batch_size, progress)
+        return scored, {"labeler": labeler.name, **labeler.stats, **counts}
+
+    if not labels_in_processes(config):
+        return distributed.on_main(once)
+    labeler.reset_stats()
+    scored, counts = label_in_processes(samples, labeler, config.labeler.batch_size, progress)
+    return scored, {"labeler": labeler.name, **labeler.stats, **counts}
 
 
 def feedback_stage(run: Run, r: int, seed: int) -> dict:
@@ -216,7 +271,7 @@ def feedback_stage(run: Run, r: int, seed: int) -> dict:
         return {"input_sha256": file_sha256(scored), "type": fb.type, "mode": fb.mode, "threshold": fb.threshold,
                 "count": len(feedback), "seed": seed}
 
-    return run.once(r, "feedback", out, compute)
+    return run.once(r, "feedback", out, lambda: distributed.on_main(compute))
 
 
 def train_stage(run: Run, r: int, policy: str, reference: str, resume: Path | None, sampler: Sampler,
@@ -252,9 +307,10 @@ def eval_stage(run: Run, key: int | str, round_index: int, policy: str, heldout:
     out = run.dir / "eval" / "sft_heldout.jsonl" if key == "sft" else run.round_dir(round_index) / "heldout.jsonl"
 
     def compute() -> dict:
-        scored = evaluate_policy(policy, heldout, labeler, sampler, round_index, run.config.seed, progress,
+        samples = heldout_samples(policy, heldout, sampler, round_index, run.config.seed, progress,
                                  generator=run.policy_id(policy))
-        write_records(out, scored)
+        scored, _ = label(run.config, samples, labeler, None)
+        run.write_records(out, scored)
         return {"policy": policy, "count": len(scored), "reward": mean_reward(scored)}
 
     return run.once(key, "eval", out, compute)
@@ -262,11 +318,12 @@ def eval_stage(run: Run, key: int | str, round_index: int, policy: str, heldout:
 
 def cleanup_checkpoints(run: Run, r: int) -> None:
     """Delete round checkpoints older than the newest `keep_checkpoints` complete ones (never the SFT)."""
-    complete = [k for k in range(r + 1) if is_checkpoint(run.round_dir(k) / "checkpoint")]
+    complete = distributed.on_main(lambda: [k for k in range(r + 1) if is_checkpoint(run.round_dir(k) / "checkpoint")])
     for k in complete[: -run.config.keep_checkpoints]:
         run.manifest["rounds"][str(k)]["train"]["cleaned"] = True  # recorded first: a resume must not retrain
         run.save()
-        shutil.rmtree(run.round_dir(k) / "checkpoint", ignore_errors=True)
+        if distributed.is_main():
+            shutil.rmtree(run.round_dir(k) / "checkpoint", ignore_errors=True)
 
 
 def summarize(run: Run) -> dict:

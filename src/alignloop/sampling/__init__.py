@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+from .. import distributed
 from ..config import SamplerConfig
 from .hf import sample_with_hf
 from .placement import Placement, engine_placement
@@ -39,8 +40,12 @@ class Sampler:
         if self.vllm is None:
             self.vllm = VLLMEngine(policy, s, self.seed, self.trust_remote_code, self.placement)
         self.vllm.load_weights(policy)
-        rows = self.vllm.generate(prompts, n, s.temperature, s.top_p, s.max_new_tokens, s.stop, seed, progress)
-        return [[o.record for o in row] for row in rows]
+        # Under a launcher each process's engine samples a share of the prompts; a prompt's seed comes from its
+        # prompt_id, so its samples do not depend on which engine made them.
+        mine = distributed.my_share(len(prompts))
+        rows = self.vllm.generate([prompts[i] for i in mine], n, s.temperature, s.top_p, s.max_new_tokens, s.stop, seed,
+                                  progress if distributed.is_main() else None)
+        return distributed.gather_shares(len(prompts), [[o.record for o in row] for row in rows])
 
     def sleep(self) -> None:
         """On a GPU the engine gives its memory to the trainer until it samples again."""

@@ -4,9 +4,12 @@ trainer uses, so the policy is trained on exactly the tokens it was sampled from
 
 from __future__ import annotations
 
+import hashlib
+
 import torch
 from tqdm import tqdm
 
+from .. import distributed
 from ..faults import crash_point
 from ..models import encode_prompt, inference_device, load_causal_lm, load_tokenizer
 
@@ -39,19 +42,23 @@ def generate(
     """For each prompt record, n dicts {output, finish_reason, num_tokens, prompt_tokens}.
 
     temperature 0 means greedy decoding (then n must be 1). Prompts are processed longest first, in
-    batches of `batch_size` sequences, so padding stays small and memory peaks early.
+    batches of `batch_size` sequences, so padding stays small and memory peaks early. The batches are the
+    same whatever the number of processes, each sampled with its own seed (from `seed` and its place), and
+    shared among the processes; so the outputs do not depend on how many there are, nor on a resume.
     """
     if temperature == 0 and n != 1:
         raise ValueError("greedy decoding (temperature 0) gives one distinct sample per prompt; set n to 1")
     encoded = [encode_prompt(tokenizer, p["prompt"]) for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
     prompts_per_batch = max(1, batch_size // n)
-    results: list[list[dict]] = [[] for _ in prompts]
     eos_ids = _eos_ids(model, tokenizer)
     device = next(model.parameters()).device
-    torch.manual_seed(seed)  # one seed per stage: the same run samples the same outputs, resumed or not
     batches = [order[i : i + prompts_per_batch] for i in range(0, len(order), prompts_per_batch)]
-    for batch in tqdm(batches, desc=progress or "sample", unit="batch", disable=not progress):
+    mine = distributed.my_share(len(batches))
+    done: list[list[list[dict]]] = []  # per batch of mine, per prompt of the batch, its n outputs
+    for b in tqdm(mine, desc=progress or "sample", unit="batch", disable=not progress or not distributed.is_main()):
+        batch = batches[b]
+        torch.manual_seed(batch_seed(seed, b))
         width = max(len(encoded[i]) for i in batch)
         input_ids = torch.full((len(batch), width), tokenizer.pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
@@ -74,11 +81,19 @@ def generate(
                 **sampling,
             )
         generated = out[:, width:].cpu()
-        for row, i in enumerate(batch):
-            for j in range(n):
-                results[i].append(_decode(tokenizer, generated[row * n + j].tolist(), eos_ids, stop, len(encoded[i])))
+        done.append([[_decode(tokenizer, generated[row * n + j].tolist(), eos_ids, stop, len(encoded[i])) for j in range(n)]
+                     for row, i in enumerate(batch)])
         crash_point("sample.batch")
+    results: list[list[dict]] = [[] for _ in prompts]
+    for batch, outputs in zip(batches, distributed.gather_shares(len(batches), done)):
+        for i, samples in zip(batch, outputs):
+            results[i] = samples
     return results
+
+
+def batch_seed(seed: int, batch: int) -> int:
+    """The sampling seed of one batch of a stage."""
+    return int.from_bytes(hashlib.sha256(f"{seed}/batch/{batch}".encode()).digest()[:7], "big")
 
 
 def _eos_ids(model, tokenizer) -> list[int]:

@@ -1,5 +1,5 @@
-"""Stage 5, eval: greedy answers to held-out prompts, scored by the run's labeler, and the paired confidence
-interval of the change between two evaluations."""
+"""Stage 5, eval: greedy answers to held-out prompts (scored by the run's labeler, in the loop), and the paired
+confidence interval of the change between two evaluations."""
 
 from __future__ import annotations
 
@@ -7,17 +7,14 @@ import math
 import statistics
 
 from ..sampling import Sampler
-from .label import label_records
 from .sample import sample_records
 
 
-def evaluate_policy(policy: str, prompts: list[dict], labeler, sampler: Sampler, round_index: int, seed: int,
+def heldout_samples(policy: str, prompts: list[dict], sampler: Sampler, round_index: int, seed: int,
                     progress: str | None = "held-out", generator: str | None = None) -> list[dict]:
-    """Scored records of one greedy answer per held-out prompt, from the run's sampler."""
-    samples = sample_records(prompts, policy, sampler, n=1, round_index=round_index, seed=seed, generator=generator,
-                             progress=progress, greedy=True)
-    scored, _ = label_records(samples, labeler, progress=None)
-    return scored
+    """One greedy answer per held-out prompt, from the run's sampler (the loop scores them with its labeler)."""
+    return sample_records(prompts, policy, sampler, n=1, round_index=round_index, seed=seed, generator=generator,
+                          progress=progress, greedy=True)
 
 
 def mean_reward(scored: list[dict]) -> float | None:

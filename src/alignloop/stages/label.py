@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from tqdm import tqdm
 
-from ..records import RecordError
+from .. import distributed
+from ..records import RecordError, normalize_prompt
 
 # A labeler's `score` sees one chunk at a time: a reward model sorts a chunk by length and an API judge fans it
 # out, so a chunk is many forward batches; few enough that the progress bar still moves.
@@ -47,18 +48,29 @@ def label_counts(scored: list[dict]) -> dict:
     return {"scored": len(scored) - failed, "failed": failed}
 
 
-def label_in_processes(samples: list[dict], labeler, state, chunk_size: int, progress: str | None = None) -> tuple[list[dict], dict]:
-    """Scored records (input order) and counts, labeled by all processes of `state` (an accelerate
-    PartialState): process k scores samples k, k+N, k+2N, ... (a strided shard, so long and short samples
-    spread evenly), `chunk_size` samples per `labeler.score` call, then every process gathers all (index,
-    record) pairs and merges them by index. With one process this is plain `label_records`."""
-    from accelerate.utils import gather_object
+def label_in_processes(samples: list[dict], labeler, batch_size: int, progress: str | None = None) -> tuple[list[dict], dict]:
+    """Scored records (input order) and counts, on every process, with the labeler's forward passes shared among
+    the processes (`alignloop.distributed`; with one process it scores them all).
 
-    mine = list(range(state.process_index, len(samples), state.num_processes))
-    scored, _ = label_records([samples[i] for i in mine], labeler, chunk_size,
-                              progress if state.is_main_process else None)
-    gathered = gather_object(list(zip(mine, scored)))
-    merged = [record for _, record in sorted(gathered, key=lambda pair: pair[0])]
-    if len(merged) != len(samples):
-        raise RuntimeError(f"gathered {len(merged)} scored samples from {state.num_processes} processes, expected {len(samples)}")
+    The samples are put in batches of `batch_size`, longest text first (so padding stays small), and process k
+    scores batches k, k+N, k+2N, ... Each batch is the same whatever the number of processes, so a reward does
+    not depend on how many there are."""
+    def length(i: int) -> int:
+        return len(samples[i]["output"]) + sum(len(turn["content"]) for turn in normalize_prompt(samples[i]["prompt"], "", None))
+
+    order = sorted(range(len(samples)), key=lambda i: -length(i))
+    batches = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+    mine = distributed.my_share(len(batches))
+    bar = tqdm(total=sum(len(batches[b]) for b in mine), desc=progress or "label", unit="sample",
+               disable=not progress or not distributed.is_main())
+    done = []
+    for b in mine:
+        scored, _ = label_records([samples[i] for i in batches[b]], labeler, batch_size, progress=None)
+        done.append(scored)
+        bar.update(len(scored))
+    bar.close()
+    merged: list[dict] = [{}] * len(samples)
+    for batch, scored in zip(batches, distributed.gather_shares(len(batches), done)):
+        for i, record in zip(batch, scored):
+            merged[i] = record
     return merged, label_counts(merged)

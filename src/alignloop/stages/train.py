@@ -7,8 +7,10 @@ The recipe, top to bottom:
    while training;
 3. resume the policy from the last round's checkpoint together with its AdamW moments and scheduler
    position (a fresh optimizer every round would throw the moments away; HALOs restores only the scheduler);
-4. train with gradient accumulation and clipping under Accelerate, so the same code runs data-parallel or
-   sharded under `accelerate launch`;
+4. train with gradient accumulation and clipping under Accelerate. Under a launcher (torchrun, accelerate
+   launch) each micro-batch of `optim.batch_size` examples is split among the processes, which average their
+   gradients, so a step sees the same examples whatever the number of processes and the run takes the same
+   path (the reference log-probs are shared out the same way);
 5. write the checkpoint atomically (`alignloop.checkpoint`: a HF folder plus the optimizer, scheduler and
    trainer state).
 """
@@ -22,6 +24,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from .. import distributed
 from ..checkpoint import load_training_state, save_checkpoint
 from ..config import LossConfig, OptimConfig
 from ..models import inference_device, load_causal_lm, load_tokenizer
@@ -55,18 +58,22 @@ def build_examples(records: list[dict], loss: str, tokenizer, max_length: int, s
 def compute_reference_logps(loss: str, examples: list[Example], reference_path: str, dtype: str, batch_size: int,
                             pad_id: int, trust_remote_code: bool, progress: bool, bf16_autocast: bool = False) -> None:
     """Fill `Example.reference_logps` with the frozen reference's log-probs, as the loss takes them, then free
-    the model.
+    the model. The batches are shared among the processes and the results gathered on every one.
 
     Under bf16 mixed precision the reference runs under the same autocast as the policy, so that before
     the first update the policy/reference log-ratio is exactly zero."""
     objective = OBJECTIVES[loss]
     model = load_causal_lm(reference_path, dtype, trust_remote_code).to(inference_device()).eval()
     device = next(model.parameters()).device
+    starts = range(0, len(examples), batch_size)
+    mine = distributed.my_share(len(starts))
+    done = []
     with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16_autocast):
-        for start in tqdm(range(0, len(examples), batch_size), desc="reference log-probs", disable=not progress):
-            batch = examples[start : start + batch_size]
-            for e, logps in zip(batch, objective.reference_logps(model, batch, pad_id)):
-                e.reference_logps = logps
+        for b in tqdm(mine, desc="reference log-probs", disable=not progress):
+            done.append(objective.reference_logps(model, examples[starts[b] : starts[b] + batch_size], pad_id))
+    for b, logps in enumerate(distributed.gather_shares(len(starts), done)):
+        for e, row in zip(examples[starts[b] : starts[b] + batch_size], logps):
+            e.reference_logps = row
     del model
     gc.collect()
 
@@ -98,6 +105,7 @@ def train_round(feedback: list[dict], *, policy: str, reference: str, out_dir: s
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
+    distributed.init()
     # cpu=True on a machine without a GPU: Accelerate then sets up gloo data parallelism under torchrun
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), gradient_accumulation_steps=optim.gradient_accumulation_steps,
                               mixed_precision=optim.mixed_precision)
@@ -126,7 +134,7 @@ def train_round(feedback: list[dict], *, policy: str, reference: str, out_dir: s
         scheduler.base_lrs = [optim.lr for _ in optimizer.param_groups]
     model, optimizer = accelerator.prepare(model, optimizer)
 
-    # Each process takes every num_processes-th batch; the order is seeded per round and epoch.
+    # The micro-batches, seeded per round and epoch; each is split among the processes.
     rng = random.Random(seed * 1000 + round_index)
     batches = []
     for _ in range(optim.epochs):
@@ -134,22 +142,26 @@ def train_round(feedback: list[dict], *, policy: str, reference: str, out_dir: s
         rng.shuffle(order)
         batches += [order[i : i + optim.batch_size] for i in range(0, len(order), optim.batch_size)]
     world, rank = accelerator.num_processes, accelerator.process_index
-    batches = batches[: len(batches) - len(batches) % world] if len(batches) >= world else batches[:1] * world
-    my_batches = batches[rank::world]
     step_metrics: list[dict] = []
     accumulated: list[dict] = []
-    bar = tqdm(my_batches, desc=f"train r{round_index:03d}", unit="batch", disable=not show)
+    bar = tqdm(batches, desc=f"train r{round_index:03d}", unit="batch", disable=not show)
     for k, batch_ids in enumerate(bar):
-        batch = [examples[i] for i in batch_ids]
+        part = batch_ids[rank::world]
+        # The processes' gradients are averaged, so a process's mean loss weighs as its share of the batch. A
+        # process left without an example (a last batch smaller than the number of processes) still takes part,
+        # with an example that weighs nothing.
+        weight = len(part) * world / len(batch_ids)
+        batch = [examples[i] for i in part or batch_ids[:1]]
         with accelerator.accumulate(model):
             shared = objective.local_estimate(model, batch, pad_id)
-            if shared is not None:  # every process must use the same number: the mean of their estimates
-                shared = accelerator.reduce(shared, reduction="mean")
+            if shared is not None and world > 1:  # every process must use the same number: the batch's
+                total, count = distributed.sum_over_processes([float(shared) * len(part), len(part)])
+                shared = torch.tensor(total / count, dtype=shared.dtype, device=shared.device)
             losses, metrics = loss_on_batch(loss.name, loss.params, model, batch, pad_id, kl_override=shared)
             batch_loss = losses.mean()
-            accelerator.backward(batch_loss)
-            accumulated.append({"loss": batch_loss.item(), **metrics})
-            if accelerator.sync_gradients or k == len(my_batches) - 1:
+            accelerator.backward(batch_loss * weight if world > 1 else batch_loss)
+            accumulated.append(batch_metrics(batch_loss.item(), metrics, len(part)))
+            if accelerator.sync_gradients or k == len(batches) - 1:
                 grad_norm = accelerator.clip_grad_norm_(model.parameters(), optim.max_grad_norm)
                 optimizer.step()
                 scheduler.step()
@@ -182,3 +194,18 @@ def train_round(feedback: list[dict], *, policy: str, reference: str, out_dir: s
     del model, optimizer
     gc.collect()
     return summary
+
+
+def batch_metrics(loss: float, metrics: dict, count: int) -> dict:
+    """A micro-batch's loss and metrics over all processes: each process's means weighted by its examples."""
+    if distributed.world() == 1:
+        return {"loss": loss, **metrics}
+    keys = sorted(set().union(*distributed.gather_objects(list(metrics))))  # every key some process has
+    values = [loss * count, count] + [v for key in keys for v in ((metrics[key] * count, count) if key in metrics else (0.0, 0))]
+    sums = distributed.sum_over_processes(values)
+    merged = {"loss": sums[0] / sums[1]}
+    for j, key in enumerate(keys):
+        total, weight = sums[2 + 2 * j], sums[3 + 2 * j]
+        if weight > 0:
+            merged[key] = total / weight
+    return merged
