@@ -99,14 +99,21 @@ optim: {{batch_size: 3, epochs: 1, lr: 1.0e-3, mixed_precision: "no"}}
     return config
 
 
-def run_cmd(processes: int, config: Path, run_dir: Path) -> list[str]:
+def run_cmd(processes: int, config: Path, run_dir: Path, *settings: str) -> list[str]:
     launcher = torchrun(processes) if processes > 1 else [sys.executable]
-    return [*launcher, "-m", "alignloop", "--no-progress", "run", str(config), "--set", f"run_dir={run_dir}"]
+    return [*launcher, "-m", "alignloop", "--no-progress", "run", str(config), "--set", f"run_dir={run_dir}",
+            *(a for s in settings for a in ("--set", s))]
 
 
-def run(processes: int, config: Path, run_dir: Path, crash_at: str | None = None) -> subprocess.CompletedProcess:
+def run(processes: int, config: Path, run_dir: Path, *settings: str, crash_at: str | None = None) -> subprocess.CompletedProcess:
     env = {**ENV, "ALIGNLOOP_CRASH_AT": crash_at} if crash_at else ENV
-    return subprocess.run(run_cmd(processes, config, run_dir), capture_output=True, text=True, timeout=600, env=env)
+    return subprocess.run(run_cmd(processes, config, run_dir, *settings), capture_output=True, text=True, timeout=600,
+                          env=env)
+
+
+def train_steps(run_dir: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [row for row in rows if row["event"] == "train_step"]
 
 
 @pytest.fixture(scope="module")
@@ -138,20 +145,38 @@ def test_two_process_run_writes_the_records_of_one_process(one_process_run, two_
     files = record_files(two_process_run)
     assert len(files) == 9 and files == record_files(one_process_run)
     assert_close_weights(final_checkpoint(two_process_run), final_checkpoint(one_process_run), atol=1e-5)
-    steps = [json.loads(line) for line in (two_process_run / "metrics.jsonl").read_text().splitlines()]
-    assert len([s for s in steps if s["event"] == "train_step"]) == 4  # 2 rounds x 6 pairs / 3 a step, logged once
+    assert len(train_steps(two_process_run)) == 4  # 2 rounds x 6 pairs / 3 a step, logged once
 
 
 @pytest.mark.requires(launcher_problem())
-@pytest.mark.parametrize("before, after", [(2, 1), (1, 2)])
-def test_resume_with_another_number_of_processes(before, after, loop_config, one_process_run, tmp_path):
-    """A run killed after round 0 resumes under another number of processes: round 1 starts from round 0's
-    checkpoint, its AdamW moments and scheduler position, and ends where an uninterrupted run ends."""
+def test_fsdp_takes_the_path_of_ddp(loop_config, two_process_run, tmp_path):
+    """FSDP2 (`fully_shard` per transformer block on a CPU device mesh): parameters, gradients and moments
+    sharded between the two processes, gathered whole into the checkpoint. The loss of every step, the
+    records and the weights are DDP's, to float32 rounding."""
     run_dir = tmp_path / "run"
-    crashed = run(before, loop_config, run_dir, crash_at="mark_done.eval#2")  # round 0's held-out eval written
+    result = run(2, loop_config, run_dir, "optim.strategy=fsdp")
+    assert result.returncode == 0, result.stderr[-3000:]
+    fsdp, ddp = train_steps(run_dir), train_steps(two_process_run)
+    assert [s["step"] for s in fsdp] == [s["step"] for s in ddp] == [1, 2, 3, 4]
+    for a, b in zip(fsdp, ddp):
+        for key in ("loss", "grad_norm", "rewards/margin"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
+    assert record_files(run_dir) == record_files(two_process_run)
+    assert_close_weights(final_checkpoint(run_dir), final_checkpoint(two_process_run), atol=1e-5)
+
+
+@pytest.mark.requires(launcher_problem())
+@pytest.mark.parametrize("before, after, strategy", [(2, 1, "ddp"), (1, 2, "ddp"), (2, 1, "fsdp"), (1, 2, "fsdp")])
+def test_resume_with_another_number_of_processes(before, after, strategy, loop_config, one_process_run, tmp_path):
+    """A run killed after round 0 resumes under another number of processes: round 1 starts from round 0's
+    checkpoint, its AdamW moments and scheduler position, and ends where an uninterrupted run ends. Under
+    FSDP the moments were saved from shards and are loaded whole, or the other way round."""
+    run_dir = tmp_path / "run"
+    setting = f"optim.strategy={strategy}"
+    crashed = run(before, loop_config, run_dir, setting, crash_at="mark_done.eval#2")  # round 0's eval written
     assert crashed.returncode != 0 and (run_dir / "rounds/r000/checkpoint").is_dir()
     assert not (run_dir / "rounds/r001").exists()
-    resumed = run(after, loop_config, run_dir)
+    resumed = run(after, loop_config, run_dir, setting)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert record_files(run_dir) == record_files(one_process_run)
     # Moments restarted from zero at round 1 would be far off after its two steps.

@@ -5,6 +5,10 @@ transformers load as it is, plus a `training_state/` subfolder (kept out of the 
 loads every *.safetensors file it finds there) with the AdamW moments (`optimizer.safetensors` and
 `optimizer.json`), the scheduler state and the trainer state (global step, per-round summaries). A checkpoint
 is written to a temporary folder and renamed into place, so a crash never leaves a half-written one.
+
+Weights and moments are saved whole, gathered from however many processes held them (data-parallel copies or
+FSDP shards, through `torch.distributed.checkpoint`'s state-dict API), with the moments keyed by parameter
+name; so a checkpoint written by N processes resumes on M, sharded or not.
 """
 
 from __future__ import annotations
@@ -15,7 +19,14 @@ import shutil
 from pathlib import Path
 
 import torch
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_optimizer_state_dict,
+)
 
+from . import distributed
 from .faults import crash_point
 from .records import write_json
 
@@ -24,59 +35,78 @@ OPTIMIZER_TENSORS = "optimizer.safetensors"
 OPTIMIZER_META = "optimizer.json"
 SCHEDULER_STATE = "scheduler.json"
 TRAINER_STATE = "trainer_state.json"
+OPTIMIZER_FORMAT = 2  # 2: moments keyed by parameter name; 1 (release 0.1.0): by position in the optimizer
+GATHERED = StateDictOptions(full_state_dict=True, cpu_offload=True)  # whole tensors, on the main process's CPU
 
 
-def save_optimizer(optimizer: torch.optim.Optimizer, folder: Path) -> None:
+def save_optimizer(state: dict, folder: Path) -> None:
+    """A gathered optimizer state dict ({"state": {name: {key: value}}, "param_groups": [...]}), as safetensors
+    (the tensors) and JSON (the rest)."""
     from safetensors.torch import save_file
 
-    state = optimizer.state_dict()
     tensors, scalars = {}, {}
-    for pid, pstate in state["state"].items():
+    for name, pstate in state["state"].items():
         for key, value in pstate.items():
             if torch.is_tensor(value):
-                tensors[f"{pid}.{key}"] = value.detach().contiguous().cpu()
+                tensors[f"{name}.{key}"] = value.detach().contiguous().cpu()
             else:
-                scalars[f"{pid}.{key}"] = value
+                scalars[f"{name}.{key}"] = value
     save_file(tensors, str(folder / OPTIMIZER_TENSORS))
-    write_json(folder / OPTIMIZER_META, {"param_groups": state["param_groups"], "scalars": scalars})
+    write_json(folder / OPTIMIZER_META, {"format": OPTIMIZER_FORMAT, "param_groups": state["param_groups"], "scalars": scalars})
 
 
-def load_optimizer(optimizer: torch.optim.Optimizer, folder: Path) -> None:
+def load_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, folder: Path) -> None:
+    """Restore the moments into `optimizer` over `model` as this process holds it (whole, or its FSDP shard)."""
     from safetensors.torch import load_file
 
     tensors = load_file(str(folder / OPTIMIZER_TENSORS))
     meta = json.loads((folder / OPTIMIZER_META).read_text())
-    state: dict[int, dict] = {}
-    for name, value in list(tensors.items()) + list(meta["scalars"].items()):
-        pid, key = name.split(".", 1)
-        state.setdefault(int(pid), {})[key] = value
-    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    names = None
+    if meta.get("format", 1) == 1:  # by position: the model's parameters in order
+        names = [name for name, _ in distributed.unwrap(model).named_parameters()]
+        meta["param_groups"] = [{**g, "params": [names[i] for i in g["params"]]} for g in meta["param_groups"]]
+    state: dict[str, dict] = {}
+    for key, value in list(tensors.items()) + list(meta["scalars"].items()):
+        name, field = key.rsplit(".", 1)
+        state.setdefault(names[int(name)] if names else name, {})[field] = value
+    set_optimizer_state_dict(model, optimizer, {"state": state, "param_groups": meta["param_groups"]},
+                             options=StateDictOptions(full_state_dict=True))
 
 
-def load_training_state(optimizer: torch.optim.Optimizer, scheduler, checkpoint: str | Path) -> dict:
+def load_training_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler, checkpoint: str | Path) -> dict:
     """Restore the optimizer's moments and the scheduler's position from a checkpoint; returns the trainer
     state (global step, rounds)."""
     folder = training_state_dir(Path(checkpoint))
-    load_optimizer(optimizer, folder)
+    load_optimizer(model, optimizer, folder)
     scheduler.load_state_dict(json.loads((folder / SCHEDULER_STATE).read_text()))
     return json.loads((folder / TRAINER_STATE).read_text())
 
 
 def save_checkpoint(model, tokenizer, optimizer, scheduler, state: dict, out_dir: Path) -> None:
-    """Everything a later round needs, written to a temporary folder and renamed into place."""
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.config.use_cache = True
-    model.save_pretrained(tmp, safe_serialization=True)
-    crash_point("checkpoint.tmp")
-    tokenizer.save_pretrained(tmp)
-    (tmp / TRAINING_STATE).mkdir()
-    save_optimizer(optimizer, tmp / TRAINING_STATE)
-    write_json(tmp / TRAINING_STATE / SCHEDULER_STATE, scheduler.state_dict())
-    write_json(tmp / TRAINING_STATE / TRAINER_STATE, state)
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
+    """Everything a later round needs, gathered from every process and written by the main process to a
+    temporary folder, then renamed into place. Every process must call it."""
+    weights = get_model_state_dict(model, options=GATHERED)
+    moments = get_optimizer_state_dict(model, optimizer, options=GATHERED)
+    if distributed.is_main():
+        tmp = out_dir.with_name(out_dir.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        policy = distributed.unwrap(model)
+        policy.config.use_cache = True
+        # A tied parameter (lm_head sharing the embeddings) is saved once, as transformers saves it; gathered
+        # FSDP shards no longer share storage, so transformers would not notice the tie by itself.
+        tied = {name for name, _ in policy.named_parameters(remove_duplicate=False)} - {name for name, _ in policy.named_parameters()}
+        weights = {name: tensor for name, tensor in weights.items() if name not in tied}
+        policy.save_pretrained(tmp, state_dict=weights, safe_serialization=True)
+        crash_point("checkpoint.tmp")
+        tokenizer.save_pretrained(tmp)
+        (tmp / TRAINING_STATE).mkdir()
+        save_optimizer(moments, tmp / TRAINING_STATE)
+        write_json(tmp / TRAINING_STATE / SCHEDULER_STATE, scheduler.state_dict())
+        write_json(tmp / TRAINING_STATE / TRAINER_STATE, state)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    distributed.barrier()
 
 
 def training_state_dir(checkpoint: Path) -> Path:

@@ -147,6 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
         if field.annotation in (int, float):
             _setting(p, "--" + name.replace("_", "-"), "optim." + name, type=field.annotation)
     _setting(p, "--mixed-precision", "optim.mixed_precision", choices=["no", "bf16"])
+    _setting(p, "--strategy", "optim.strategy", choices=["auto", "ddp", "fsdp"],
+             help="under torchrun / accelerate launch: ddp (a copy per process) or fsdp (FSDP2, sharded)")
     _setting(p, "--dtype", "optim.dtype", choices=["float32", "bfloat16"], help="the weights' dtype while training")
     return parser
 
@@ -324,7 +326,8 @@ def train_verb(args, progress: bool) -> int:
     summary = train_round(records, policy=args.resume or c["policy"], reference=c["reference"] or c["policy"],
                           out_dir=args.out, resume=args.resume, loss=loss, optim=c["optim"], seed=c["seed"],
                           round_index=args.round, trust_remote_code=c["trust_remote_code"], progress=progress)
-    print(f"wrote checkpoint {args.out}: {summary}")
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"wrote checkpoint {args.out}: {summary}")
     return 0
 
 

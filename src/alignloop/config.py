@@ -281,6 +281,9 @@ class OptimConfig(Strict):
     max_length: int = Field(default=512, gt=8)
     dtype: Literal["float32", "bfloat16"] = "float32"  # the weights' dtype while training
     mixed_precision: Literal["no", "bf16"] = "bf16"  # autocast: ~2x faster on CPUs with bf16 instructions
+    # Under a launcher: ddp (a whole copy per process) or fsdp (FSDP2, all sharded); auto: fsdp when an
+    # `accelerate launch` config asks for it, else ddp. One process: neither.
+    strategy: Literal["auto", "ddp", "fsdp"] = "auto"
 
     @field_validator("mixed_precision", mode="before")
     @classmethod

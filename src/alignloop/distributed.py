@@ -128,6 +128,80 @@ def sum_over_processes(values: list[float]) -> list[float]:
     return tensor.tolist()
 
 
+# --------------------------------------------------------------------------------------------------------------
+# The policy across processes while it trains
+# --------------------------------------------------------------------------------------------------------------
+
+STRATEGIES = ("auto", "ddp", "fsdp")
+
+
+def strategy(configured: str) -> str:
+    """How the trainer spreads the policy: "none" (one process), "ddp" (a whole copy per process, gradients
+    averaged) or "fsdp" (FSDP2: parameters, gradients and moments sharded). "auto" takes what an `accelerate
+    launch` config asks for (FSDP), else DDP."""
+    if world() == 1:
+        return "none"
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        raise ValueError("DeepSpeed is not supported by alignloop's trainer; shard with FSDP2 instead "
+                         "(optim.strategy: fsdp, or an accelerate config with distributed_type: FSDP)")
+    if configured == "auto":
+        return "fsdp" if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" else "ddp"
+    return configured
+
+
+def device() -> torch.device:
+    """This process's device: its GPU (LOCAL_RANK) when there are GPUs, else the CPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def parallelize(model: torch.nn.Module, how: str) -> torch.nn.Module:
+    """The model, on this process's device, wrapped for `how` (see `strategy`). FSDP2 shards each transformer
+    block (the classes a HF model names in `_no_split_modules`) and then the rest of the model."""
+    model = model.to(device())
+    if how == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        return DistributedDataParallel(model, device_ids=[device().index] if device().type == "cuda" else None)
+    if how == "fsdp":
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh(device().type, (world(),))
+        blocks = set(getattr(model, "_no_split_modules", None) or [])
+        for module in model.modules():
+            if type(module).__name__ in blocks:
+                fully_shard(module, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+    return model
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The model itself, without DDP's wrapper (an FSDP2 model is its own module)."""
+    return getattr(model, "module", model) if type(model).__name__ == "DistributedDataParallel" else model
+
+
+def gradient_sync(model: torch.nn.Module, sync: bool):
+    """A context for one micro-batch's forward and backward: gradients are averaged among the processes only
+    on the micro-batch that completes an optimizer step (`sync`), and accumulate locally before it."""
+    import contextlib
+
+    if sync or world() == 1:
+        return contextlib.nullcontext()
+    if hasattr(model, "no_sync"):  # DDP
+        return model.no_sync()
+    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2: reduce-scatter only on the last micro-batch
+        @contextlib.contextmanager
+        def deferred():
+            model.set_requires_gradient_sync(False)
+            try:
+                yield
+            finally:
+                model.set_requires_gradient_sync(True)
+
+        return deferred()
+    return contextlib.nullcontext()
+
+
 def shutdown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -7,7 +7,7 @@ The recipe, top to bottom:
    while training;
 3. resume the policy from the last round's checkpoint together with its AdamW moments and scheduler
    position (a fresh optimizer every round would throw the moments away; HALOs restores only the scheduler);
-4. train with gradient accumulation and clipping under Accelerate. Under a launcher (torchrun, accelerate
+4. train with gradient accumulation and clipping. Under a launcher (torchrun, accelerate
    launch) each micro-batch of `optim.batch_size` examples is split among the processes, which average their
    gradients, so a step sees the same examples whatever the number of processes and the run takes the same
    path (the reference log-probs are shared out the same way);
@@ -102,13 +102,10 @@ def train_round(feedback: list[dict], *, policy: str, reference: str, out_dir: s
     `resume` names a checkpoint folder, the optimizer, scheduler and trainer state come from it too.
     `log(dict)` receives one dict per optimizer step. Returns a summary of the round.
     """
-    from accelerate import Accelerator
     from accelerate.utils import set_seed
 
     distributed.init()
-    # cpu=True on a machine without a GPU: Accelerate then sets up gloo data parallelism under torchrun
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(), gradient_accumulation_steps=optim.gradient_accumulation_steps,
-                              mixed_precision=optim.mixed_precision)
+    how = distributed.strategy(optim.strategy)
     set_seed(seed + round_index)
     objective = OBJECTIVES[loss.name]
     tokenizer = load_tokenizer(policy, trust_remote_code)
@@ -116,7 +113,7 @@ def train_round(feedback: list[dict], *, policy: str, reference: str, out_dir: s
     examples = build_examples(feedback, loss.name, tokenizer, optim.max_length, seed + round_index)
     if not examples:
         raise TrainingError("no training examples in this round's feedback")
-    show = progress and accelerator.is_main_process
+    show = progress and distributed.is_main()
     if objective.needs_reference:
         compute_reference_logps(loss.name, examples, reference, REFERENCE_DTYPE, optim.batch_size, pad_id,
                                 trust_remote_code, show, bf16_autocast=optim.mixed_precision == "bf16")
@@ -124,15 +121,17 @@ def train_round(feedback: list[dict], *, policy: str, reference: str, out_dir: s
     model = load_causal_lm(policy, optim.dtype, trust_remote_code)
     model.train()
     model.config.use_cache = False
+    model = distributed.parallelize(model, how)  # before the optimizer: FSDP2 replaces the parameters by shards
     optimizer = torch.optim.AdamW(model.parameters(), lr=optim.lr, weight_decay=optim.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_then_constant(optim.warmup_steps))
     state = {"global_step": 0, "rounds": []}
     if resume is not None:
-        state = load_training_state(optimizer, scheduler, resume)
+        state = load_training_state(model, optimizer, scheduler, resume)
         for group in optimizer.param_groups:  # the config may change the learning rate between runs
             group["initial_lr"] = optim.lr
         scheduler.base_lrs = [optim.lr for _ in optimizer.param_groups]
-    model, optimizer = accelerator.prepare(model, optimizer)
+    # Under bf16 mixed precision the weights stay float32 and the forward passes run in bfloat16.
+    autocast = torch.autocast(distributed.device().type, dtype=torch.bfloat16, enabled=optim.mixed_precision == "bf16")
 
     # The micro-batches, seeded per round and epoch; each is split among the processes.
     rng = random.Random(seed * 1000 + round_index)
@@ -141,7 +140,8 @@ def train_round(feedback: list[dict], *, policy: str, reference: str, out_dir: s
         order = list(range(len(examples)))
         rng.shuffle(order)
         batches += [order[i : i + optim.batch_size] for i in range(0, len(order), optim.batch_size)]
-    world, rank = accelerator.num_processes, accelerator.process_index
+    world, rank = distributed.world(), distributed.rank()
+    accumulation = optim.gradient_accumulation_steps
     step_metrics: list[dict] = []
     accumulated: list[dict] = []
     bar = tqdm(batches, desc=f"train r{round_index:03d}", unit="batch", disable=not show)
@@ -152,30 +152,33 @@ def train_round(feedback: list[dict], *, policy: str, reference: str, out_dir: s
         # with an example that weighs nothing.
         weight = len(part) * world / len(batch_ids)
         batch = [examples[i] for i in part or batch_ids[:1]]
-        with accelerator.accumulate(model):
+        steps_now = (k + 1) % accumulation == 0 or k == len(batches) - 1
+        with distributed.gradient_sync(model, steps_now), autocast:
             shared = objective.local_estimate(model, batch, pad_id)
             if shared is not None and world > 1:  # every process must use the same number: the batch's
                 total, count = distributed.sum_over_processes([float(shared) * len(part), len(part)])
                 shared = torch.tensor(total / count, dtype=shared.dtype, device=shared.device)
             losses, metrics = loss_on_batch(loss.name, loss.params, model, batch, pad_id, kl_override=shared)
             batch_loss = losses.mean()
-            accelerator.backward(batch_loss * weight if world > 1 else batch_loss)
-            accumulated.append(batch_metrics(batch_loss.item(), metrics, len(part)))
-            if accelerator.sync_gradients or k == len(batches) - 1:
-                grad_norm = accelerator.clip_grad_norm_(model.parameters(), optim.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad()
-                state["global_step"] += 1
-                row = {key: sum(a[key] for a in accumulated if key in a) / sum(key in a for a in accumulated)
-                       for key in accumulated[0]}
-                row.update(step=state["global_step"], round=round_index, grad_norm=float(grad_norm),
-                           lr=scheduler.get_last_lr()[0])
-                accumulated = []
-                step_metrics.append(row)
-                bar.set_postfix(loss=f"{row['loss']:.4f}")
-                if log is not None and accelerator.is_main_process:
-                    log(row)
+            ((batch_loss * weight if world > 1 else batch_loss) / accumulation).backward()
+        accumulated.append(batch_metrics(batch_loss.item(), metrics, len(part)))
+        if steps_now:
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), optim.max_grad_norm)
+            if hasattr(grad_norm, "full_tensor"):  # FSDP2: the norm over every process's shards
+                grad_norm = grad_norm.full_tensor()
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad()
+            state["global_step"] += 1
+            row = {key: sum(a[key] for a in accumulated if key in a) / sum(key in a for a in accumulated)
+                   for key in accumulated[0]}
+            row.update(step=state["global_step"], round=round_index, grad_norm=float(grad_norm),
+                       lr=scheduler.get_last_lr()[0])
+            accumulated = []
+            step_metrics.append(row)
+            bar.set_postfix(loss=f"{row['loss']:.4f}")
+            if log is not None and distributed.is_main():
+                log(row)
 
     summary = {
         "examples": len(examples), "steps": len(step_metrics), "global_step": state["global_step"],
@@ -186,11 +189,7 @@ def train_round(feedback: list[dict], *, policy: str, reference: str, out_dir: s
         if values:
             summary[key] = sum(values) / len(values)
     state["rounds"].append({"round": round_index, **summary})
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        save_checkpoint(accelerator.unwrap_model(model), tokenizer, optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer,
-                        scheduler, state, Path(out_dir))
-    accelerator.wait_for_everyone()
+    save_checkpoint(model, tokenizer, optimizer, scheduler, state, Path(out_dir))
     del model, optimizer
     gc.collect()
     return summary
