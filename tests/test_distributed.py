@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import launcher_problem, torchrun
+from conftest import free_port, launcher_problem, torchrun
 from test_loop import record_files, stage_hashes
 
 # The launcher gives each of several processes one thread; a lone process gets one too, so that its float sums
@@ -163,6 +163,24 @@ def test_fsdp_takes_the_path_of_ddp(loop_config, two_process_run, tmp_path):
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
     assert record_files(run_dir) == record_files(two_process_run)
     assert_close_weights(final_checkpoint(run_dir), final_checkpoint(two_process_run), atol=1e-5)
+
+
+@pytest.mark.requires(launcher_problem())
+def test_accelerate_launch_with_an_fsdp_config(loop_config, one_process_run, tmp_path):
+    """`accelerate launch --config_file examples/fsdp.yaml` (the README's command, with 2 processes): the
+    trainer takes FSDP from the launcher's config, and every process still loads whole models for sampling
+    and scoring (an FSDP config would otherwise leave all but the first process with empty weights)."""
+    run_dir = tmp_path / "run"
+    config = Path(__file__).parents[1] / "examples" / "fsdp.yaml"
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "--num_processes", "2",
+              "--main_process_ip", "127.0.0.1", "--main_process_port", str(free_port())]
+    result = subprocess.run([*launch, *run_cmd(1, loop_config, run_dir)[1:]], capture_output=True, text=True,
+                            timeout=600, env=ENV)
+    assert result.returncode == 0, result.stderr[-3000:]
+    trained = json.loads((run_dir / "manifest.json").read_text())["rounds"]["1"]["train"]["summary"]
+    assert (trained["processes"], trained["strategy"]) == (2, "fsdp")
+    assert record_files(run_dir) == record_files(one_process_run)
+    assert_close_weights(final_checkpoint(run_dir), final_checkpoint(one_process_run), atol=1e-5)
 
 
 @pytest.mark.requires(launcher_problem())

@@ -37,6 +37,10 @@ def init() -> None:
     """Join the launcher's process group (once; a no-op for a single process)."""
     if not launched() or dist.is_initialized():
         return
+    # Under an accelerate FSDP config, transformers would load real weights on the first process only and
+    # leave the others' empty for FSDP to fill in; every process here loads whole models (sampler, reward
+    # model, reference) and shards the policy itself.
+    os.environ["FSDP_CPU_RAM_EFFICIENT_LOADING"] = "false"
     minutes = float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_MINUTES))
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank())

@@ -182,6 +182,7 @@ def train_round(feedback: list[dict], *, policy: str, reference: str, out_dir: s
 
     summary = {
         "examples": len(examples), "steps": len(step_metrics), "global_step": state["global_step"],
+        "processes": world, "strategy": how,
         "loss": sum(r["loss"] for r in step_metrics) / max(1, len(step_metrics)),
     }
     for key in ("rewards/accuracy", "rewards/margin", "kl"):
