@@ -201,6 +201,28 @@ def test_two_nodes_with_the_slurm_scripts_rendezvous(loop_config, one_process_ru
 
 
 @pytest.mark.requires(launcher_problem())
+@pytest.mark.parametrize("fault, says", [
+    ("the second process SIGKILLed while it samples", "exitcode  : -9"),
+    ("the main process fails alone (its labeler cannot be made)", "no_such_module"),
+])
+def test_a_failing_process_takes_the_job_down_at_once(fault, says, loop_config, tmp_path):
+    """No process waits forever for one that died or failed: the launcher stops the job within seconds and
+    says which process failed and why."""
+    config, crash_at = loop_config, None
+    if "SIGKILL" in fault:
+        crash_at = "sample.batch#1@1"
+    else:  # a reward function is made on the main process only, so the others are already sampling
+        config = tmp_path / "config.yaml"
+        config.write_text("\n".join("labeler: {kind: callable, function: 'no_such_module:score'}"
+                                     if line.startswith("labeler:") else line
+                                     for line in loop_config.read_text().splitlines()) + "\n")
+    started = time.time()
+    result = run(2, config, tmp_path / "run", crash_at=crash_at)
+    assert result.returncode != 0 and time.time() - started < 120
+    assert says in result.stderr + result.stdout
+
+
+@pytest.mark.requires(launcher_problem())
 @pytest.mark.parametrize("before, after, strategy", [(2, 1, "ddp"), (1, 2, "ddp"), (2, 1, "fsdp"), (1, 2, "fsdp")])
 def test_resume_with_another_number_of_processes(before, after, strategy, loop_config, one_process_run, tmp_path):
     """A run killed after round 0 resumes under another number of processes: round 1 starts from round 0's

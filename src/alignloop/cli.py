@@ -255,15 +255,21 @@ def label_verb(args, progress: bool) -> int:
     config = _sections(args, "labeler", extra=kind)["labeler"]
     if config.kind == "reward_model":
         return _label_with_reward_model(args, config, progress)
-    labeler = make_labeler(config, Path(args.out).parent)  # a bad function name or key fails before any work
-    samples = read_samples(args.samples)
-    if not samples:
-        raise NothingToDo(f"{args.samples} holds no samples")
-    scored, counts = label_records(samples, labeler, BATCHES_PER_CHUNK * config.batch_size,
-                                   progress="label" if progress else None)
-    write_records(args.out, scored)
-    print(f"wrote {len(scored)} scored samples to {args.out} ({counts['failed']} could not be scored)")
-    return 0
+
+    def label_once() -> int:  # a judge or a function labels once: on the main process, under a launcher
+        labeler = make_labeler(config, Path(args.out).parent)  # a bad function name or key fails before any work
+        samples = read_samples(args.samples)
+        if not samples:
+            raise NothingToDo(f"{args.samples} holds no samples")
+        scored, counts = label_records(samples, labeler, BATCHES_PER_CHUNK * config.batch_size,
+                                       progress="label" if progress else None)
+        write_records(args.out, scored)
+        print(f"wrote {len(scored)} scored samples to {args.out} ({counts['failed']} could not be scored)")
+        return 0
+
+    from . import distributed
+
+    return distributed.on_main(label_once)
 
 
 def _label_with_reward_model(args, config, progress: bool) -> int:

@@ -1,7 +1,8 @@
 """Named crash points, so that the kill -9 tests stop a run at an exact moment instead of racing it.
 
 `ALIGNLOOP_CRASH_AT=NAME` makes the process SIGKILL itself the first time it reaches the crash point NAME;
-`NAME#K` the K-th time. The points are where a crash is most likely to lose or corrupt work:
+`NAME#K` the K-th time; `NAME@R` (or `NAME#K@R`) only in the process of rank R under a launcher. The points
+are where a crash is most likely to lose or corrupt work:
 - `checkpoint.tmp`: a checkpoint's temporary folder holds the weights, not yet the training state;
 - `sample.batch`: a batch of HF generate is done, the stage's records are not yet written;
 - `mark_done.STAGE`: a stage's output is written, the manifest does not yet record it.
@@ -20,8 +21,9 @@ def crash_point(name: str) -> None:
     spec = os.environ.get("ALIGNLOOP_CRASH_AT")
     if not spec:
         return
+    spec, _, rank = spec.partition("@")
     target, _, nth = spec.partition("#")
-    if target != name:
+    if target != name or (rank and rank != os.environ.get("RANK", "0")):
         return
     _reached[name] = _reached.get(name, 0) + 1
     if _reached[name] == int(nth or 1):
