@@ -215,7 +215,9 @@ def run_verb(args, progress: bool) -> int:
     overrides = list(args.set) + ([f"run_dir={args.run_dir}"] if args.run_dir else [])
     config = load_config(args.config, overrides)
     manifest = run_loop(config, progress=progress)
-    if int(os.environ.get("RANK", "0")) == 0:  # under a launcher, the main process speaks for all
+    from . import distributed
+
+    if distributed.is_main():  # under a launcher, the main process speaks for all
         print(format_table(config.run_dir))
     if manifest["summary"]["rounds"] == 0:
         raise NothingToDo("no prompts for a first round")
@@ -239,7 +241,9 @@ def sample_verb(args, progress: bool) -> int:
                                      seed=c["seed"], progress="sample" if progress else None)
     finally:
         sampler.close()
-    if int(os.environ.get("RANK", "0")) == 0:  # under a launcher every process holds all the samples
+    from . import distributed
+
+    if distributed.is_main():  # under a launcher every process holds all the samples
         write_records(args.out, records)
         print(f"wrote {len(records)} samples to {args.out}")
     return 0
@@ -332,7 +336,9 @@ def train_verb(args, progress: bool) -> int:
     summary = train_round(records, policy=args.resume or c["policy"], reference=c["reference"] or c["policy"],
                           out_dir=args.out, resume=args.resume, loss=loss, optim=c["optim"], seed=c["seed"],
                           round_index=args.round, trust_remote_code=c["trust_remote_code"], progress=progress)
-    if int(os.environ.get("RANK", "0")) == 0:
+    from . import distributed
+
+    if distributed.is_main():
         print(f"wrote checkpoint {args.out}: {summary}")
     return 0
 
