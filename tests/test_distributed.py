@@ -159,8 +159,10 @@ def test_fsdp_takes_the_path_of_ddp(loop_config, two_process_run, tmp_path):
     fsdp, ddp = train_steps(run_dir), train_steps(two_process_run)
     assert [s["step"] for s in fsdp] == [s["step"] for s in ddp] == [1, 2, 3, 4]
     for a, b in zip(fsdp, ddp):
-        for key in ("loss", "grad_norm", "rewards/margin"):
-            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
+        for key in ("loss", "grad_norm"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4), key
+        # The margin is beta times a difference of sums of ~100 log-probs, each sum good to ~1e-4 in float32.
+        assert a["rewards/margin"] == pytest.approx(b["rewards/margin"], abs=1e-5)
     assert record_files(run_dir) == record_files(two_process_run)
     assert_close_weights(final_checkpoint(run_dir), final_checkpoint(two_process_run), atol=1e-5)
 

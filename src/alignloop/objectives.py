@@ -24,7 +24,7 @@ from typing import Literal
 
 import torch
 
-from .logprobs import response_token_logps, sequence_logps
+from .logprobs import response_logps, response_token_logps, sequence_logps
 from .losses import LOSSES, group_advantages, mismatched_indices
 from .models import encode_prompt, encode_response
 from .records import chosen_and_rejected, pairs_to_binary
@@ -100,16 +100,15 @@ class Pairwise(Objective):
         return _summed_logps(model, batch, pad_id, with_kl=False)
 
     def losses(self, model, batch, params, pad_id, shared=None):
-        slots, B = len(batch[0].responses), len(batch)
-        logps, lengths = sequence_logps(model, *_sequences(batch, with_kl=False), pad_id)
+        token_logps, mask = response_logps(model, [e.prompt for e in batch], [e.responses for e in batch], pad_id)
+        policy, lengths = token_logps.sum(-1).t(), mask.sum(-1).t()  # [2, B]: chosen, rejected
         averaged = self.spec.logps == "average"
         if averaged:
-            logps = logps / lengths.clamp(min=1)
-        policy = logps.view(slots, B)
+            policy = policy / lengths.clamp(min=1)
         if self.needs_reference:
-            ref = torch.tensor([e.reference_logps for e in batch], dtype=logps.dtype, device=logps.device).t()
+            ref = torch.tensor([e.reference_logps for e in batch], dtype=policy.dtype, device=policy.device).t()
             if averaged:  # the same tokens as the policy's, so the same lengths
-                ref = ref / lengths.view(slots, B).clamp(min=1)
+                ref = ref / lengths.clamp(min=1)
             losses, chosen_rewards, rejected_rewards = self.spec.fn(policy[0], policy[1], ref[0], ref[1], **params)
         else:
             losses, chosen_rewards, rejected_rewards = self.spec.fn(policy[0], policy[1], **params)
@@ -253,19 +252,8 @@ def _feedback_examples(records: list[dict], tokenizer, max_length: int, preferre
     return examples
 
 
-def _sequences(examples: list[Example], with_kl: bool) -> tuple[list[list[int]], list[list[int]]]:
-    """All (prompt, response) sequences of a batch, grouped by response slot: slot 0 of every example,
-    then slot 1, ...; then the KL sequences."""
-    slots = len(examples[0].responses)
-    prompts = [e.prompt for s in range(slots) for e in examples]
-    responses = [e.responses[s] for s in range(slots) for e in examples]
-    if with_kl:
-        prompts += [e.prompt for e in examples]
-        responses += [e.kl_response for e in examples]
-    return prompts, responses
-
-
 def _summed_logps(model, batch: list[Example], pad_id: int, with_kl: bool) -> list[list[float]]:
     """Each example's summed log-probs of its responses (then of its KL response), in one forward pass."""
-    logps, _ = sequence_logps(model, *_sequences(batch, with_kl), pad_id)
-    return logps.view(-1, len(batch)).t().tolist()
+    responses = [e.responses + [e.kl_response] if with_kl else e.responses for e in batch]
+    logps, _ = response_logps(model, [e.prompt for e in batch], responses, pad_id)
+    return logps.sum(-1).tolist()
