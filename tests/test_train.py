@@ -137,6 +137,24 @@ def test_training_moves_the_policy_toward_chosen(tiny_model, tmp_path):
         assert key in log[0]
 
 
+def test_activation_checkpointing_recomputes_the_same_steps(tiny_model, tmp_path):
+    """Recomputing each block in backward changes memory, not numbers: the same losses, grad norms and weights
+    (float32)."""
+    runs = {}
+    for recompute in (False, True):
+        log = []
+        out = tmp_path / str(recompute)
+        train_round(pairs(4), policy=tiny_model, reference=tiny_model, out_dir=out, resume=None,
+                    **_config(activation_checkpointing=recompute), progress=False, log=log.append)
+        runs[recompute] = (log, load_file(str(out / "model.safetensors")))
+    (plain, plain_weights), (recomputed, recomputed_weights) = runs[False], runs[True]
+    assert len(plain) == len(recomputed) == 2
+    for a, b in zip(plain, recomputed):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6) and a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
+    for name, tensor in plain_weights.items():
+        assert torch.allclose(recomputed_weights[name], tensor, atol=1e-6), name
+
+
 def test_nan_loss_stops_with_a_clear_error_and_no_checkpoint(tiny_model, tmp_path):
     with pytest.raises(TrainingError, match="not finite"):
         train_round(pairs(2), policy=tiny_model, reference=tiny_model, out_dir=tmp_path / "n", resume=None,

@@ -121,6 +121,8 @@ def train_round(feedback: list[dict], *, policy: str, reference: str, out_dir: s
     model = load_causal_lm(policy, optim.dtype, trust_remote_code)
     model.train()
     model.config.use_cache = False
+    if optim.activation_checkpointing:  # non-reentrant: works under DDP and FSDP2 and with inputs without grad
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = distributed.parallelize(model, how)  # before the optimizer: FSDP2 replaces the parameters by shards
     optimizer = torch.optim.AdamW(model.parameters(), lr=optim.lr, weight_decay=optim.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_then_constant(optim.warmup_steps))
