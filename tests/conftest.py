@@ -70,6 +70,21 @@ def trl_problem() -> str | None:
 
 
 @functools.cache
+def deepspeed_problem() -> str | None:
+    """DeepSpeed at the version pinned in pyproject.toml's test extra, importable without building anything
+    (the trainer starts its engines on this CPU with gloo and a torch AdamW, see `alignloop.distributed`)."""
+    pinned = re.search(r'"deepspeed==([^"]+)"', (Path(__file__).parents[1] / "pyproject.toml").read_text()).group(1)
+    probe = subprocess.run([sys.executable, "-c", "from alignloop.distributed import import_deepspeed; "
+                            "import importlib.metadata as m; import_deepspeed(); print(m.version('deepspeed'))"],
+                           capture_output=True, text=True, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    if probe.returncode != 0:
+        lines = probe.stderr.strip().splitlines()
+        return f"DeepSpeed {pinned} (pip install deepspeed=={pinned}): {lines[-1] if lines else 'import failed'}"
+    installed = probe.stdout.strip().splitlines()[-1]
+    return None if installed == pinned else f"DeepSpeed {pinned} (pip install deepspeed=={pinned}): {installed} is installed"
+
+
+@functools.cache
 def launcher_problem() -> str | None:
     """Whether `python -m torch.distributed.run` can start processes that talk over gloo."""
     probe = subprocess.run([sys.executable, "-c", "import torch.distributed as d, torch.distributed.run; "
@@ -124,7 +139,7 @@ def tiny_run_overrides(run_dir, policy: str) -> list[str]:
     """A two-round loop on the tiny model that takes seconds."""
     return [
         f"run_dir={run_dir}", f"policy={policy}", "prompts_per_round=6", "total_prompts=12", "samples_per_prompt=3",
-        "heldout.limit=6", "sampler.max_new_tokens=12", "sampler.dtype=float32", "optim.batch_size=2",
+        "heldout.limit=6", "sampler.backend=hf", "sampler.max_new_tokens=12", "sampler.dtype=float32", "optim.batch_size=2",
         "optim.epochs=1", "optim.lr=1e-3", "optim.mixed_precision=no",
         "labeler.function=toy_rewards:lowercase_fraction",
     ]

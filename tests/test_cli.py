@@ -27,7 +27,8 @@ def test_stages_chain_on_contract_files(tiny_model, tmp_path):
     prompts.write_text('{"prompt_id": "a", "prompt": "say hi"}\n{"prompt_id": "b", "prompt": "say bye"}\n')
     samples, scored, feedback, ckpt = (tmp_path / n for n in ("samples.jsonl", "scored.jsonl", "feedback.jsonl", "ckpt"))
 
-    r = alignloop("sample", prompts, "--out", samples, "--policy", tiny_model, "--n", 4, "--max-new-tokens", 8, "--dtype", "float32")
+    r = alignloop("sample", prompts, "--out", samples, "--policy", tiny_model, "--n", 4, "--max-new-tokens", 8, "--dtype", "float32",
+                  "--backend", "hf")
     assert r.returncode == 0, r.stderr
     rows = read_records(samples)
     assert [(s["prompt_id"], s["sample_id"]) for s in rows] == [("a", 0), ("a", 1), ("a", 2), ("a", 3), ("b", 0), ("b", 1), ("b", 2), ("b", 3)]

@@ -1,6 +1,7 @@
 import re
 
 import pytest
+import yaml
 
 from alignloop.config import ConfigError, dump_config, load_config
 
@@ -17,6 +18,34 @@ def test_embedded_default_is_valid_and_round_trips(tmp_path):
     assert config.loss.name == "dpo" and config.feedback.mode == "max"
     again = load_config(write(tmp_path, dump_config(config)))
     assert again == config
+
+
+def test_the_sampler_is_vllm_where_it_is_installed_and_hf_elsewhere(monkeypatch, capsys, tmp_path):
+    """Left out, `sampler.backend` is vllm when vLLM is installed (as `setup.sh` installs it) and hf when it is
+    not, which the sampler says once when the run starts; a run directory saved by 0.1.0 without the key (HF
+    was the only default then) resumes as hf. vLLM's absence is simulated: it is installed here."""
+    import importlib.util
+
+    from alignloop.config import HFSamplerConfig, VLLMSamplerConfig, load_saved_config
+    from alignloop.sampling import Sampler
+
+    installed = importlib.util.find_spec("vllm") is not None
+    assert type(load_config(None).sampler) is (VLLMSamplerConfig if installed else HFSamplerConfig)
+    assert type(load_config(None, ["sampler.max_new_tokens=9"]).sampler) is type(load_config(None).sampler)
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real_find_spec(name, *a))
+    config = load_config(None)
+    assert type(config.sampler) is HFSamplerConfig
+    Sampler(config.sampler, seed=0)
+    assert capsys.readouterr().err.count("sampling with HF generate: vLLM is not installed") == 1
+    Sampler(load_config(None, ["sampler.backend=hf"]).sampler, seed=0)  # also said when hf is asked for: vLLM would be faster
+    assert "vLLM is not installed" in capsys.readouterr().err
+    monkeypatch.undo()
+
+    saved = yaml.safe_load(dump_config(load_config(None, ["sampler.backend=hf"])))
+    del saved["sampler"]["backend"]
+    assert type(load_saved_config(write(tmp_path, yaml.safe_dump(saved))).sampler) is HFSamplerConfig
 
 
 def test_unknown_key_is_named(tmp_path):
@@ -77,7 +106,8 @@ def test_sampler_and_labeler_are_one_of_several_kinds():
     from alignloop.config import CallableLabelerConfig, HFSamplerConfig, JudgeConfig, RewardModelConfig, VLLMSamplerConfig
 
     config = load_config(None)
-    assert type(config.sampler) is HFSamplerConfig and type(config.labeler) is CallableLabelerConfig
+    assert type(config.labeler) is CallableLabelerConfig
+    assert type(load_config(None, ["sampler.backend=hf"]).sampler) is HFSamplerConfig
     assert type(load_config(None, ["sampler.backend=vllm"]).sampler) is VLLMSamplerConfig
     judge = load_config(None, ["labeler.kind=judge", "labeler.base_url=http://h/v1", "labeler.model=m"]).labeler
     assert type(judge) is JudgeConfig and judge.max_concurrency == 8

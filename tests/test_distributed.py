@@ -1,8 +1,10 @@
 """The loop and the trainer under real data parallelism: processes on this CPU started by torch's launcher
 (`python -m torch.distributed.run`, gloo), compared with one process.
 
-What needs GPUs cannot run here: NCCL, vLLM engines per process or in tensor-parallel groups, DeepSpeed. The
-README's recipes cover them; they are checked on a GPU machine when one is lent, never by these tests.
+What needs GPUs cannot run here: NCCL, vLLM engines per process or in tensor-parallel groups, DeepSpeed's
+CUDA side (its NCCL collectives, bf16 ZeRO with float32 master weights, fused kernels). DeepSpeed ZeRO-2/3
+itself runs here, on gloo with a torch AdamW. The README's recipes cover the rest; they are checked on a GPU
+machine when one is lent, never by these tests.
 """
 
 import json
@@ -17,7 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import free_port, launcher_problem, torchrun
+from conftest import deepspeed_problem, free_port, launcher_problem, torchrun
 from test_loop import record_files, stage_hashes
 
 # The launcher gives each of several processes one thread; a lone process gets one too, so that its float sums
@@ -92,7 +94,7 @@ prompts_per_round: 6
 total_prompts: 12
 samples_per_prompt: 3
 heldout: {{limit: 6}}
-sampler: {{max_new_tokens: 12, dtype: float32, batch_size: 6}}
+sampler: {{backend: hf, max_new_tokens: 12, dtype: float32, batch_size: 6}}
 labeler: {{kind: reward_model, path: {rm}, dtype: float32, batch_size: 4}}
 optim: {{batch_size: 3, epochs: 1, lr: 1.0e-3, mixed_precision: "no"}}
 """)
@@ -105,8 +107,11 @@ def run_cmd(processes: int, config: Path, run_dir: Path, *settings: str) -> list
             *(a for s in settings for a in ("--set", s))]
 
 
-def run(processes: int, config: Path, run_dir: Path, *settings: str, crash_at: str | None = None) -> subprocess.CompletedProcess:
-    env = {**ENV, "ALIGNLOOP_CRASH_AT": crash_at} if crash_at else ENV
+def run(processes: int, config: Path, run_dir: Path, *settings: str, crash_at: str | None = None,
+        env: dict | None = None) -> subprocess.CompletedProcess:
+    env = {**ENV, **(env or {})}
+    if crash_at:
+        env["ALIGNLOOP_CRASH_AT"] = crash_at
     return subprocess.run(run_cmd(processes, config, run_dir, *settings), capture_output=True, text=True, timeout=600,
                           env=env)
 
@@ -181,6 +186,85 @@ def test_accelerate_launch_with_an_fsdp_config(loop_config, one_process_run, tmp
     assert result.returncode == 0, result.stderr[-3000:]
     trained = json.loads((run_dir / "manifest.json").read_text())["rounds"]["1"]["train"]["summary"]
     assert (trained["processes"], trained["strategy"]) == (2, "fsdp")
+    assert record_files(run_dir) == record_files(one_process_run)
+    assert_close_weights(final_checkpoint(run_dir), final_checkpoint(one_process_run), atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def zero_everything(tmp_path_factory) -> dict:
+    """The environment of an `accelerate launch` whose DeepSpeed JSON partitions every parameter under ZeRO-3
+    (by default those under 1e5 elements, all of the tiny model's but its embeddings, stay whole)."""
+    path = tmp_path_factory.mktemp("deepspeed") / "ds_config.json"
+    path.write_text(json.dumps({"zero_optimization": {"stage3_param_persistence_threshold": 0}}))
+    return {"ACCELERATE_DEEPSPEED_CONFIG_FILE": str(path)}
+
+
+def trained_with(run_dir: Path, round_index: int = 1) -> tuple:
+    summary = json.loads((run_dir / "manifest.json").read_text())["rounds"][str(round_index)]["train"]["summary"]
+    return summary["processes"], summary["strategy"]
+
+
+@pytest.mark.requires(launcher_problem())
+@pytest.mark.requires(deepspeed_problem())
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_takes_the_path_of_ddp(stage, loop_config, two_process_run, zero_everything, tmp_path):
+    """DeepSpeed ZeRO-2 (gradients and moments partitioned) and ZeRO-3 (the weights too, each gathered by the
+    engine's forward: the output head is then applied by the model itself, not packed) on two processes over
+    gloo, with a torch AdamW and DeepSpeed's own clipping: the loss and gradient norm of every step, the
+    records, and the weights and moments gathered whole into the checkpoint are DDP's, to float32 rounding.
+    Not checked on a CPU: NCCL, DeepSpeed's bf16 mode (optim.dtype: bfloat16), offloading (refused)."""
+    run_dir = tmp_path / "run"
+    result = run(2, loop_config, run_dir, "optim.strategy=deepspeed", f"optim.zero_stage={stage}", env=zero_everything)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert trained_with(run_dir) == (2, "deepspeed")
+    zero, ddp = train_steps(run_dir), train_steps(two_process_run)
+    assert [s["step"] for s in zero] == [s["step"] for s in ddp] == [1, 2, 3, 4]
+    for a, b in zip(zero, ddp):
+        for key in ("loss", "grad_norm"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4), key
+        assert a["rewards/margin"] == pytest.approx(b["rewards/margin"], abs=1e-5)
+    assert record_files(run_dir) == record_files(two_process_run)
+    assert_close_weights(final_checkpoint(run_dir), final_checkpoint(two_process_run), atol=1e-5)
+
+
+@pytest.mark.requires(launcher_problem())
+@pytest.mark.requires(deepspeed_problem())
+@pytest.mark.parametrize("before, after, stage", [(2, 1, 3), (1, 2, 3), (1, 2, 2)])
+def test_resume_deepspeed_with_another_number_of_processes(before, after, stage, loop_config, one_process_run,
+                                                          zero_everything, tmp_path):
+    """A DeepSpeed run killed after round 0 resumes on one process, and a one-process run under DeepSpeed on
+    two: round 1 starts from round 0's AdamW moments, gathered whole from the ZeRO partitions or loaded
+    into them, and ends where an uninterrupted one-process run ends."""
+    run_dir = tmp_path / "run"
+    settings = ("optim.strategy=deepspeed", f"optim.zero_stage={stage}")
+    crashed = run(before, loop_config, run_dir, *settings, crash_at="mark_done.eval#2", env=zero_everything)
+    assert crashed.returncode != 0 and (run_dir / "rounds/r000/checkpoint").is_dir()
+    assert not (run_dir / "rounds/r001").exists()
+    resumed = run(after, loop_config, run_dir, *settings, env=zero_everything)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert trained_with(run_dir, 0) == (before, "deepspeed" if before > 1 else "none")
+    assert trained_with(run_dir, 1) == (after, "deepspeed" if after > 1 else "none")
+    assert record_files(run_dir) == record_files(one_process_run)
+    # Moments restarted from zero at round 1 would be far off after its two steps.
+    assert_close_weights(final_checkpoint(run_dir), final_checkpoint(one_process_run), atol=1e-5)
+    state = json.loads((final_checkpoint(run_dir) / "training_state/trainer_state.json").read_text())
+    assert state["global_step"] == 4 and [r["round"] for r in state["rounds"]] == [0, 1]
+
+
+@pytest.mark.requires(launcher_problem())
+@pytest.mark.requires(deepspeed_problem())
+def test_accelerate_launch_with_a_deepspeed_config(loop_config, one_process_run, tmp_path):
+    """`accelerate launch --config_file examples/deepspeed_zero3.yaml` (the README's command, with 2 processes
+    on this CPU): the trainer takes DeepSpeed ZeRO-3 from the launcher's config and ends where one process
+    ends."""
+    run_dir = tmp_path / "run"
+    config = Path(__file__).parents[1] / "examples" / "deepspeed_zero3.yaml"
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "--num_processes", "2",
+              "--main_process_ip", "127.0.0.1", "--main_process_port", str(free_port())]
+    result = subprocess.run([*launch, *run_cmd(1, loop_config, run_dir)[1:]], capture_output=True, text=True,
+                            timeout=600, env=ENV)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert trained_with(run_dir) == (2, "deepspeed")
     assert record_files(run_dir) == record_files(one_process_run)
     assert_close_weights(final_checkpoint(run_dir), final_checkpoint(one_process_run), atol=1e-5)
 

@@ -59,7 +59,7 @@ def test_devices_config_is_validated_and_saved():
     from alignloop.config import dump_config
 
     assert "devices:\n  - 1" in dump_config(load_config(None, ["sampler.backend=vllm", "sampler.devices=[1]"]))
-    for bad, message in ((["sampler.devices=[1]"], "needs backend 'vllm'"),
+    for bad, message in ((["sampler.backend=hf", "sampler.devices=[1]"], "needs backend 'vllm'"),
                          (["sampler.backend=vllm", "sampler.devices=[1, 1]"], "distinct"),
                          (["sampler.backend=vllm", "sampler.devices=[]"], "distinct")):
         with pytest.raises(ConfigError, match=message):

@@ -7,8 +7,9 @@ loads every *.safetensors file it finds there) with the AdamW moments (`optimize
 is written to a temporary folder and renamed into place, so a crash never leaves a half-written one.
 
 Weights and moments are saved whole, gathered from however many processes held them (data-parallel copies or
-FSDP shards, through `torch.distributed.checkpoint`'s state-dict API), with the moments keyed by parameter
-name; so a checkpoint written by N processes resumes on M, sharded or not.
+FSDP shards, through `torch.distributed.checkpoint`'s state-dict API; DeepSpeed ZeRO partitions, through
+DeepSpeed's `safe_get_full_*` functions), with the moments keyed by parameter name; so a checkpoint written by
+N processes resumes on M, sharded or not, under any strategy.
 """
 
 from __future__ import annotations
@@ -56,7 +57,8 @@ def save_optimizer(state: dict, folder: Path) -> None:
 
 
 def load_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, folder: Path) -> None:
-    """Restore the moments into `optimizer` over `model` as this process holds it (whole, or its FSDP shard)."""
+    """Restore the moments into `optimizer` over `model` as this process holds it (whole, its FSDP shard, or
+    its ZeRO partition: `model` is then the DeepSpeed engine and `optimizer` the AdamW inside it)."""
     from safetensors.torch import load_file
 
     tensors = load_file(str(folder / OPTIMIZER_TENSORS))
@@ -69,6 +71,9 @@ def load_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, fol
     for key, value in list(tensors.items()) + list(meta["scalars"].items()):
         name, field = key.rsplit(".", 1)
         state.setdefault(names[int(name)] if names else name, {})[field] = value
+    if distributed.is_deepspeed(model):
+        set_deepspeed_moments(model, {"state": state, "param_groups": meta["param_groups"]})
+        return
     set_optimizer_state_dict(model, optimizer, {"state": state, "param_groups": meta["param_groups"]},
                              options=StateDictOptions(full_state_dict=True))
 
@@ -85,8 +90,11 @@ def load_training_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer
 def save_checkpoint(model, tokenizer, optimizer, scheduler, state: dict, out_dir: Path) -> None:
     """Everything a later round needs, gathered from every process and written by the main process to a
     temporary folder, then renamed into place. Every process must call it."""
-    weights = get_model_state_dict(model, options=GATHERED)
-    moments = get_optimizer_state_dict(model, optimizer, options=GATHERED)
+    if distributed.is_deepspeed(model):
+        weights, moments = gather_deepspeed(model)
+    else:
+        weights = get_model_state_dict(model, options=GATHERED)
+        moments = get_optimizer_state_dict(model, optimizer, options=GATHERED)
     if distributed.is_main():
         tmp = out_dir.with_name(out_dir.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
@@ -119,4 +127,76 @@ def is_checkpoint(folder: str | Path) -> bool:
     folder = Path(folder)
     state = training_state_dir(folder)
     return (folder / "config.json").exists() and all((state / f).exists() for f in (OPTIMIZER_TENSORS, SCHEDULER_STATE, TRAINER_STATE))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# DeepSpeed ZeRO-2/3: `torch.distributed.checkpoint` sees neither its partitioned weights (ZeRO-3 leaves each
+# parameter an empty tensor outside the forward) nor its optimizer, so whole tensors go through DeepSpeed's own
+# functions, one parameter at a time. Every one of them is a collective: every process calls them in order.
+# --------------------------------------------------------------------------------------------------------------
+
+MOMENTS = ("exp_avg", "exp_avg_sq")  # AdamW's per-parameter tensors
+
+
+def gather_deepspeed(engine) -> tuple[dict, dict]:
+    """The model's state dict with whole weights (the ZeRO optimizer's float32 master copy, cast to the
+    model's dtype) and the AdamW state in the format of `get_optimizer_state_dict` (whole moments keyed by
+    parameter name), on the main process; empty dicts on the others."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+    main = distributed.is_main()
+    module, adamw = engine.module, engine.optimizer.optimizer
+    params = dict(module.named_parameters())
+    weights = {}
+    for name, param in params.items():
+        full = safe_get_full_fp32_param(param)
+        if main:
+            weights[name] = full.detach().to("cpu", param.dtype)
+    if main:  # the rest of the state dict: persistent buffers, and a tied parameter under each of its names
+        aliases = {id(p): n for n, p in params.items()}
+        for name, param in module.named_parameters(remove_duplicate=False):
+            weights.setdefault(name, weights[aliases[id(param)]])
+        for prefix, sub in module.named_modules():
+            for name, buffer in sub.named_buffers(recurse=False):
+                if name not in sub._non_persistent_buffers_set:
+                    weights[f"{prefix}.{name}" if prefix else name] = buffer.detach().cpu()
+    state = {}
+    if adamw.state:  # torch creates it on the first step
+        step = next(iter(adamw.state.values()))["step"]  # the same for all: every parameter steps every time
+        for name, param in params.items():
+            moments = {key: safe_get_full_optimizer_state(param, key) for key in MOMENTS}
+            if main:
+                state[name] = {"step": torch.as_tensor(step, dtype=torch.float32).detach().cpu().clone(),
+                               **{key: value.detach().cpu() for key, value in moments.items()}}
+    group = adamw.param_groups[0]
+    hyper = {key: value for key, value in group.items() if key in adamw.defaults or key == "initial_lr"}
+    moments = {"state": state, "param_groups": [{**hyper, "params": list(params)}]} if main else {}
+    return weights if main else {}, moments
+
+
+def set_deepspeed_moments(engine, saved: dict) -> None:
+    """Load whole AdamW moments keyed by parameter name (and the hyperparameters saved with them, as
+    `set_optimizer_state_dict` does) into a fresh engine's ZeRO partitions; its weights came from the
+    checkpoint's model folder before `deepspeed.initialize`. torch creates the AdamW state on the first step,
+    so it is made here first, over the float32 partitions the AdamW steps, then filled through DeepSpeed."""
+    from deepspeed.utils import safe_set_full_optimizer_state
+
+    zero, adamw = engine.optimizer, engine.optimizer.optimizer
+    for group, hyper in zip(adamw.param_groups, saved["param_groups"]):
+        group.update({key: value for key, value in hyper.items() if key != "params"})
+    params = dict(engine.module.named_parameters())
+    if not saved["state"]:
+        return
+    step = float(next(iter(saved["state"].values()))["step"])
+    stage3 = hasattr(zero, "fp32_partitioned_groups_flat")
+    # ZeRO-3 empties the AdamW's param_groups between steps; these lists hold the partitions it steps.
+    for flat in zero.fp32_partitioned_groups_flat if stage3 else zero.single_partition_of_fp32_groups:
+        adamw.state[flat] = {"step": torch.tensor(step), **{key: torch.zeros_like(flat) for key in MOMENTS}}
+    if not stage3:  # ZeRO-2 links each parameter's fragment of the partition to the state once: link anew
+        zero._hp_optimizer_states_linked = False
+        zero._lazy_init_hp_params_optimizer_state()
+    for name, param in params.items():
+        if name in saved["state"]:
+            for key in MOMENTS:
+                safe_set_full_optimizer_state(param, saved["state"][name][key].to(torch.float32), key)
 

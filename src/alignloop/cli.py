@@ -147,8 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
         if field.annotation in (int, float):
             _setting(p, "--" + name.replace("_", "-"), "optim." + name, type=field.annotation)
     _setting(p, "--mixed-precision", "optim.mixed_precision", choices=["no", "bf16"])
-    _setting(p, "--strategy", "optim.strategy", choices=["auto", "ddp", "fsdp"],
-             help="under torchrun / accelerate launch: ddp (a copy per process) or fsdp (FSDP2, sharded)")
+    _setting(p, "--strategy", "optim.strategy", choices=["auto", "ddp", "fsdp", "deepspeed"],
+             help="under torchrun / accelerate launch: ddp (a copy per process), fsdp (FSDP2, sharded) or "
+                  "deepspeed (ZeRO-2/3, optim.zero_stage)")
     _setting(p, "--dtype", "optim.dtype", choices=["float32", "bfloat16"], help="the weights' dtype while training")
     return parser
 

@@ -136,19 +136,19 @@ def sum_over_processes(values: list[float]) -> list[float]:
 # The policy across processes while it trains
 # --------------------------------------------------------------------------------------------------------------
 
-STRATEGIES = ("auto", "ddp", "fsdp")
+STRATEGIES = ("auto", "ddp", "fsdp", "deepspeed")
 
 
 def strategy(configured: str) -> str:
     """How the trainer spreads the policy: "none" (one process), "ddp" (a whole copy per process, gradients
-    averaged) or "fsdp" (FSDP2: parameters, gradients and moments sharded). "auto" takes what an `accelerate
-    launch` config asks for (FSDP), else DDP."""
+    averaged), "fsdp" (FSDP2: parameters, gradients and moments sharded) or "deepspeed" (a DeepSpeed ZeRO-2/3
+    engine: moments and gradients partitioned, and under ZeRO-3 the parameters too; `deepspeed_config`).
+    "auto" takes what an `accelerate launch` config asks for (FSDP or DeepSpeed), else DDP."""
     if world() == 1:
         return "none"
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
-        raise ValueError("DeepSpeed is not supported by alignloop's trainer; shard with FSDP2 instead "
-                         "(optim.strategy: fsdp, or an accelerate config with distributed_type: FSDP)")
     if configured == "auto":
+        if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+            return "deepspeed"
         return "fsdp" if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" else "ddp"
     return configured
 
@@ -158,15 +158,18 @@ def device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
-def parallelize(model: torch.nn.Module, how: str) -> torch.nn.Module:
-    """The model, on this process's device, wrapped for `how` (see `strategy`). FSDP2 shards each transformer
-    block (the classes a HF model names in `_no_split_modules`) and then the rest of the model."""
+def parallelize(model: torch.nn.Module, how: str, optim) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """The model, on this process's device, wrapped for `how` (see `strategy`), and its AdamW (`optim`: the
+    OptimConfig). FSDP2 shards each transformer block (the classes a HF model names in `_no_split_modules`)
+    and then the rest of the model. Under DeepSpeed the model is the engine, which owns the AdamW (ZeRO
+    partitions its moments and steps it, see `step`); the AdamW returned is that same torch optimizer, for
+    the learning-rate scheduler."""
     model = model.to(device())
     if how == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
-        return DistributedDataParallel(model, device_ids=[device().index] if device().type == "cuda" else None)
-    if how == "fsdp":
+        model = DistributedDataParallel(model, device_ids=[device().index] if device().type == "cuda" else None)
+    elif how == "fsdp":
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
@@ -176,12 +179,21 @@ def parallelize(model: torch.nn.Module, how: str) -> torch.nn.Module:
             if type(module).__name__ in blocks:
                 fully_shard(module, mesh=mesh)
         fully_shard(model, mesh=mesh)
-    return model
+    optimizer = torch.optim.AdamW(model.parameters(), lr=optim.lr, weight_decay=optim.weight_decay)
+    if how == "deepspeed":
+        deepspeed = import_deepspeed()
+        model, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(optim))
+        optimizer = model.optimizer.optimizer  # the torch AdamW inside the ZeRO optimizer, over the partitions
+    return model, optimizer
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The model itself, without DDP's wrapper (an FSDP2 model is its own module)."""
-    return getattr(model, "module", model) if type(model).__name__ == "DistributedDataParallel" else model
+    """The model itself, without DDP's wrapper or DeepSpeed's engine (an FSDP2 model is its own module)."""
+    return getattr(model, "module", model) if type(model).__name__ in ("DistributedDataParallel", "DeepSpeedEngine") else model
+
+
+def is_deepspeed(model: torch.nn.Module) -> bool:
+    return type(model).__name__ == "DeepSpeedEngine"
 
 
 def gradient_sync(model: torch.nn.Module, sync: bool):
@@ -189,6 +201,11 @@ def gradient_sync(model: torch.nn.Module, sync: bool):
     on the micro-batch that completes an optimizer step (`sync`), and accumulate locally before it."""
     import contextlib
 
+    if is_deepspeed(model):
+        # ZeRO-2/3 reduce (and partition) every micro-batch's gradients as they come; what the engine must be
+        # told is which micro-batch ends the accumulation, since the trainer's last step may take fewer.
+        model.set_gradient_accumulation_boundary(sync)
+        return contextlib.nullcontext()
     if sync or world() == 1:
         return contextlib.nullcontext()
     if hasattr(model, "no_sync"):  # DDP
@@ -204,6 +221,120 @@ def gradient_sync(model: torch.nn.Module, sync: bool):
 
         return deferred()
     return contextlib.nullcontext()
+
+
+def backward(model: torch.nn.Module, loss: torch.Tensor) -> None:
+    """`loss.backward()`, through the DeepSpeed engine when there is one (the loss comes already divided by
+    the accumulation, so the engine does not divide it again)."""
+    if is_deepspeed(model):
+        model.backward(loss, scale_wrt_gas=False)
+    else:
+        loss.backward()
+
+
+def step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, max_grad_norm: float) -> float:
+    """Clip the gradients to `max_grad_norm`, take the optimizer step and clear them; returns the gradient
+    norm before clipping, over all processes. DeepSpeed clips inside its ZeRO optimizer (the gradients are
+    partitioned, so `clip_grad_norm_` on one process would see only its part) with torch's formula."""
+    if is_deepspeed(model):
+        model.step()
+        return float(model.get_global_grad_norm())
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+    if hasattr(grad_norm, "full_tensor"):  # FSDP2: the norm over every process's shards
+        grad_norm = grad_norm.full_tensor()
+    optimizer.step()
+    optimizer.zero_grad()
+    return float(grad_norm)
+
+
+def release(model: torch.nn.Module) -> None:
+    """Free what a DeepSpeed engine holds beyond the model (its hooks and buffers); nothing otherwise."""
+    if is_deepspeed(model):
+        model.destroy()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# DeepSpeed
+# --------------------------------------------------------------------------------------------------------------
+
+ZERO_STAGES = (2, 3)
+
+
+def import_deepspeed():
+    """`deepspeed`, ready to start an engine without compiling anything: on a CPU the accelerator is named
+    (DS_ACCELERATOR=cpu, which silences its guess), and the shared-memory all-reduce op that DeepSpeed's torch
+    backend builds on start (a C++ JIT compile of a minute or more, used only by DeepSpeed's inference
+    all-reduce) is not built."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    try:
+        import deepspeed
+        import deepspeed.comm.torch  # noqa: F401
+    except ImportError as e:
+        raise ImportError(f"optim.strategy: deepspeed needs DeepSpeed (pip install 'alignloop[deepspeed]'): {e}") from e
+    import sys
+
+    sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None  # `import a.b.torch as m` gives torch itself
+    return deepspeed
+
+
+def accelerate_deepspeed_file() -> dict:
+    """The DeepSpeed JSON an `accelerate launch` config names (`deepspeed_config_file`), or {}."""
+    path = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+    if not path:
+        return {}
+    import json
+
+    with open(path) as f:
+        return json.load(f)
+
+
+def zero_stage(optim) -> int:
+    """The ZeRO stage: `optim.zero_stage`, else the `accelerate launch` config's (`zero_stage`, or its
+    deepspeed_config_file's zero_optimization.stage), else 3."""
+    stage = optim.zero_stage
+    if stage is None:
+        stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
+    if stage is None:
+        stage = accelerate_deepspeed_file().get("zero_optimization", {}).get("stage")
+    stage = 3 if stage in (None, "auto") else int(stage)
+    if stage not in ZERO_STAGES:
+        raise ValueError(f"DeepSpeed ZeRO stage {stage} is not supported by alignloop's trainer; use 2 or 3 "
+                         "(or optim.strategy: ddp for whole copies)")
+    return stage
+
+
+def deepspeed_config(optim) -> dict:
+    """The DeepSpeed config alignloop starts its engine with. alignloop keeps its own batch, accumulation,
+    clipping and precision (`optim`): the weights keep `optim.dtype` (bf16 mixed precision is the same
+    autocast around the forward as under DDP, entered by the engine), the optimizer is a torch AdamW (no fused or CPU Adam to
+    compile), the learning rate follows alignloop's scheduler. From Accelerate it takes the ZeRO stage and
+    any `zero_optimization` keys of a deepspeed_config_file (bucket sizes, stage3_* thresholds; values
+    "auto" are left to DeepSpeed). Offloading is refused: not supported by alignloop yet."""
+    zero = {k: v for k, v in accelerate_deepspeed_file().get("zero_optimization", {}).items() if v != "auto"}
+    offload = [os.environ.get(f"ACCELERATE_DEEPSPEED_OFFLOAD_{what}_DEVICE", "none") for what in ("OPTIMIZER", "PARAM")]
+    offload += [str(zero.get(key, {}).get("device", "none")) for key in ("offload_optimizer", "offload_param")]
+    if any(device not in ("none", "None") for device in offload):
+        raise ValueError("DeepSpeed ZeRO offloading (offload_optimizer_device / offload_param_device) is not "
+                         "supported by alignloop's trainer; set them to none")
+    zero["stage"] = zero_stage(optim)
+    config = {
+        "train_micro_batch_size_per_gpu": max(1, -(-optim.batch_size // world())),
+        "gradient_accumulation_steps": optim.gradient_accumulation_steps,
+        "gradient_clipping": optim.max_grad_norm,
+        "zero_optimization": zero,
+        "zero_allow_untested_optimizer": True,  # a torch AdamW
+        "steps_per_print": 2**62,
+        "wall_clock_breakdown": False,
+    }
+    if optim.mixed_precision == "bf16":
+        # The engine's forward disables an autocast entered outside it unless its own is on. No module's
+        # gradients are reduced in bfloat16 (DeepSpeed's default for Linear layers under its autocast): they
+        # are averaged in float32, as under DDP.
+        config["torch_autocast"] = {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []}
+    if optim.dtype == "bfloat16":  # bfloat16 weights: DeepSpeed's bf16 mode keeps float32 master weights
+        config["bf16"] = {"enabled": True}
+    return config
 
 
 def shutdown() -> None:

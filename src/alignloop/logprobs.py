@@ -129,11 +129,16 @@ def _one_row_per_response(model, prompts, responses, pad_id):
 def _plain_output_head(model) -> torch.nn.Linear | None:
     """The model's output head when `response_logps` may pack and project it itself: its logits are exactly
     the final hidden states times the head's weight, its forward can skip computing them (`logits_to_keep`),
-    and its attention takes a custom mask (sdpa, no sliding window). None otherwise."""
-    inner = getattr(model, "module", model) if type(model).__name__ == "DistributedDataParallel" else model
+    and its attention takes a custom mask (sdpa, no sliding window). None otherwise, and under DeepSpeed
+    ZeRO-3, whose parameters (`ds_id`) are whole only inside the model's forward: the head's weight is an
+    empty partition where `_HeadLogps` would use it."""
+    wrapped = type(model).__name__ in ("DistributedDataParallel", "DeepSpeedEngine")
+    inner = getattr(model, "module", model) if wrapped else model
     head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
     config = getattr(inner, "config", None)
     if type(head) is not torch.nn.Linear or head.bias is not None or config is None:
+        return None
+    if hasattr(head.weight, "ds_id"):
         return None
     if any(getattr(config, key, None) not in (None, 1, 1.0) for key in _LOGIT_TRANSFORMS):
         return None

