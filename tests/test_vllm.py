@@ -262,6 +262,8 @@ def test_sync_check_stops_a_run_whose_engine_kept_the_old_weights(tmp_path, mode
 
 @needs_vllm
 def test_cli_sample_with_vllm(tmp_path, models):
+    """The sample verb on vLLM, whose own console output (Triton and NUMA notices, loading bars, warnings of
+    the libraries under it) stays out of the terminal."""
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps(p) + "\n" for p in PROMPTS))
     out = tmp_path / "samples.jsonl"
@@ -273,6 +275,8 @@ def test_cli_sample_with_vllm(tmp_path, models):
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert [(r["prompt_id"], r["sample_id"]) for r in records] == [(p["prompt_id"], i) for p in PROMPTS for i in range(2)]
+    assert proc.stdout == f"wrote {len(records)} samples to {out}\n"
+    assert proc.stderr == "", proc.stderr[-3000:]
 
 
 def test_vllm_backend_without_vllm_is_a_clear_error(tmp_path, tiny_model, monkeypatch, capsys):

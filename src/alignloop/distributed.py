@@ -22,6 +22,11 @@ import torch.distributed as dist
 
 T = TypeVar("T")
 
+# DeepSpeed, which libraries underneath import where it is installed, prints a warning on every start when it
+# has to guess that there is no GPU; say it.
+if not torch.cuda.is_available():
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
 TIMEOUT_ENV = "ALIGNLOOP_TIMEOUT_MINUTES"
 # Waiting for the main process's one-process stages (an API judge labeling a large round) can take long;
 # a dead peer is normally noticed sooner by the launcher, which stops every process when one fails.

@@ -14,9 +14,13 @@ weights and KV cache released, the new weights loaded on wake); on a CPU (`vllm-
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import sys
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -28,14 +32,53 @@ class SamplerError(RuntimeError):
     """The vLLM sampler cannot go on (not installed, or its weights disagree with the trainer's)."""
 
 
+# Where vLLM's console output goes instead of the user's terminal (see `vllm_console_to_log`).
+VLLM_LOG = Path(tempfile.gettempdir()) / f"alignloop-vllm-{os.getpid()}.log"
+
+
+@contextlib.contextmanager
+def vllm_console_to_log():
+    """Send everything written to this process's stdout and stderr, and by the processes it starts, to
+    `VLLM_LOG` instead of the terminal. vLLM and the libraries under it write hundreds of lines a run from
+    Python and from native code (Triton and NUMA notices, a warning per weight cast to bf16, weight-loading
+    bars, its engine process's logs), which logging settings alone do not reach. If the block fails, the
+    log's last lines are shown with the error. VLLM_LOGGING_LEVEL=INFO (or any level but ERROR) leaves the
+    console alone."""
+    if os.environ.get("VLLM_LOGGING_LEVEL", "ERROR").upper() != "ERROR":
+        yield
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    with open(VLLM_LOG, "ab") as log:
+        os.dup2(log.fileno(), 1)
+        os.dup2(log.fileno(), 2)
+    failed = False
+    try:
+        yield
+    except BaseException:
+        failed = True
+        raise
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        os.close(saved[0])
+        os.close(saved[1])
+        tail = VLLM_LOG.read_text(errors="replace").splitlines()[-20:] if failed else []
+        if tail:
+            print("\n".join(tail) + f"\n(vLLM's output: {VLLM_LOG})", file=sys.stderr)
+
+
 def vllm_missing_reason() -> str | None:
     """Why vLLM cannot be used here, or None when it can."""
-    # vLLM logs hundreds of lines per run, most of them a warning per weight that a float32 checkpoint is
-    # cast to the engine's bf16; errors still show, and VLLM_LOGGING_LEVEL=INFO brings the rest back.
+    # Errors still show; VLLM_LOGGING_LEVEL=INFO brings the rest of vLLM's logs back (`vllm_console_to_log`).
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
     try:
         # `import vllm` alone loads lazily and succeeds on a broken install; importing the engine is the test
-        from vllm import LLM, SamplingParams  # noqa: F401
+        with vllm_console_to_log():
+            from vllm import LLM, SamplingParams  # noqa: F401
     except Exception as e:  # a broken install fails with other errors than ImportError (torchvision, say)
         return (f"sampler.backend 'vllm' needs vLLM, which cannot be imported ({type(e).__name__}: "
                 f"{str(e).splitlines()[0] if str(e) else ''}); install it with pip install 'alignloop[vllm]' "
@@ -91,7 +134,7 @@ class VLLMEngine:
                 max_model_len = AutoConfig.from_pretrained(self.policy, trust_remote_code=trust_remote_code).max_position_embeddings
             device = dict(kv_cache_memory_bytes=int(sampler.cpu_kv_cache_gib * (1 << 30)), enable_chunked_prefill=False,
                           max_num_batched_tokens=max(max_model_len, 4096))
-        with engine_environment(placement):
+        with engine_environment(placement), vllm_console_to_log():
             self.llm = LLM(
                 model=self.policy, tokenizer=self.policy, dtype=sampler.dtype, seed=seed,
                 tensor_parallel_size=sampler.tensor_parallel_size, enforce_eager=sampler.enforce_eager,
@@ -147,7 +190,8 @@ class VLLMEngine:
         if path == self.policy and not self.asleep:
             return
         self.wake_up(load=False)
-        self.llm.collective_rpc("alignloop_reload_weights", args=(path,))
+        with vllm_console_to_log():  # in-process workers show loading bars
+            self.llm.collective_rpc("alignloop_reload_weights", args=(path,))
         self.llm.reset_prefix_cache()  # cached KV blocks were computed by the old weights
         self.policy = path
 
