@@ -161,15 +161,36 @@ def test_fsdp_takes_the_path_of_ddp(loop_config, two_process_run, tmp_path):
     run_dir = tmp_path / "run"
     result = run(2, loop_config, run_dir, "optim.strategy=fsdp")
     assert result.returncode == 0, result.stderr[-3000:]
-    fsdp, ddp = train_steps(run_dir), train_steps(two_process_run)
-    assert [s["step"] for s in fsdp] == [s["step"] for s in ddp] == [1, 2, 3, 4]
-    for a, b in zip(fsdp, ddp):
+    assert_same_path(run_dir, two_process_run)
+
+
+def assert_same_path(run_dir: Path, ddp_run: Path) -> None:
+    """The loss, gradient norm and margin of every step, the records, and the final weights and moments of a
+    run are those of the 2-process DDP run, to float32 rounding."""
+    steps, ddp = train_steps(run_dir), train_steps(ddp_run)
+    assert [s["step"] for s in steps] == [s["step"] for s in ddp] == [1, 2, 3, 4]
+    for a, b in zip(steps, ddp):
         for key in ("loss", "grad_norm"):
             assert a[key] == pytest.approx(b[key], rel=1e-4), key
         # The margin is beta times a difference of sums of ~100 log-probs, each sum good to ~1e-4 in float32.
         assert a["rewards/margin"] == pytest.approx(b["rewards/margin"], abs=1e-5)
-    assert record_files(run_dir) == record_files(two_process_run)
-    assert_close_weights(final_checkpoint(run_dir), final_checkpoint(two_process_run), atol=1e-5)
+    assert record_files(run_dir) == record_files(ddp_run)
+    assert_close_weights(final_checkpoint(run_dir), final_checkpoint(ddp_run), atol=1e-5)
+
+
+def accelerate_launch(example: str, loop_config, run_dir: Path) -> None:
+    """`accelerate launch --config_file examples/EXAMPLE --num_processes 2 -m alignloop run ...`, which must succeed."""
+    config = Path(__file__).parents[1] / "examples" / example
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "--num_processes", "2",
+              "--main_process_ip", "127.0.0.1", "--main_process_port", str(free_port())]
+    result = subprocess.run([*launch, *run_cmd(1, loop_config, run_dir)[1:]], capture_output=True, text=True,
+                            timeout=600, env=ENV)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def trained_with(run_dir: Path, round_index: int = 1) -> tuple:
+    summary = json.loads((run_dir / "manifest.json").read_text())["rounds"][str(round_index)]["train"]["summary"]
+    return summary["processes"], summary["strategy"]
 
 
 @pytest.mark.requires(launcher_problem())
@@ -178,14 +199,8 @@ def test_accelerate_launch_with_an_fsdp_config(loop_config, one_process_run, tmp
     trainer takes FSDP from the launcher's config, and every process still loads whole models for sampling
     and scoring (an FSDP config would otherwise leave all but the first process with empty weights)."""
     run_dir = tmp_path / "run"
-    config = Path(__file__).parents[1] / "examples" / "fsdp.yaml"
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "--num_processes", "2",
-              "--main_process_ip", "127.0.0.1", "--main_process_port", str(free_port())]
-    result = subprocess.run([*launch, *run_cmd(1, loop_config, run_dir)[1:]], capture_output=True, text=True,
-                            timeout=600, env=ENV)
-    assert result.returncode == 0, result.stderr[-3000:]
-    trained = json.loads((run_dir / "manifest.json").read_text())["rounds"]["1"]["train"]["summary"]
-    assert (trained["processes"], trained["strategy"]) == (2, "fsdp")
+    accelerate_launch("fsdp.yaml", loop_config, run_dir)
+    assert trained_with(run_dir) == (2, "fsdp")
     assert record_files(run_dir) == record_files(one_process_run)
     assert_close_weights(final_checkpoint(run_dir), final_checkpoint(one_process_run), atol=1e-5)
 
@@ -197,11 +212,6 @@ def zero_everything(tmp_path_factory) -> dict:
     path = tmp_path_factory.mktemp("deepspeed") / "ds_config.json"
     path.write_text(json.dumps({"zero_optimization": {"stage3_param_persistence_threshold": 0}}))
     return {"ACCELERATE_DEEPSPEED_CONFIG_FILE": str(path)}
-
-
-def trained_with(run_dir: Path, round_index: int = 1) -> tuple:
-    summary = json.loads((run_dir / "manifest.json").read_text())["rounds"][str(round_index)]["train"]["summary"]
-    return summary["processes"], summary["strategy"]
 
 
 @pytest.mark.requires(launcher_problem())
@@ -217,14 +227,7 @@ def test_deepspeed_takes_the_path_of_ddp(stage, loop_config, two_process_run, ze
     result = run(2, loop_config, run_dir, "optim.strategy=deepspeed", f"optim.zero_stage={stage}", env=zero_everything)
     assert result.returncode == 0, result.stderr[-3000:]
     assert trained_with(run_dir) == (2, "deepspeed")
-    zero, ddp = train_steps(run_dir), train_steps(two_process_run)
-    assert [s["step"] for s in zero] == [s["step"] for s in ddp] == [1, 2, 3, 4]
-    for a, b in zip(zero, ddp):
-        for key in ("loss", "grad_norm"):
-            assert a[key] == pytest.approx(b[key], rel=1e-4), key
-        assert a["rewards/margin"] == pytest.approx(b["rewards/margin"], abs=1e-5)
-    assert record_files(run_dir) == record_files(two_process_run)
-    assert_close_weights(final_checkpoint(run_dir), final_checkpoint(two_process_run), atol=1e-5)
+    assert_same_path(run_dir, two_process_run)
 
 
 @pytest.mark.requires(launcher_problem())
@@ -258,12 +261,7 @@ def test_accelerate_launch_with_a_deepspeed_config(loop_config, one_process_run,
     on this CPU): the trainer takes DeepSpeed ZeRO-3 from the launcher's config and ends where one process
     ends."""
     run_dir = tmp_path / "run"
-    config = Path(__file__).parents[1] / "examples" / "deepspeed_zero3.yaml"
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "--num_processes", "2",
-              "--main_process_ip", "127.0.0.1", "--main_process_port", str(free_port())]
-    result = subprocess.run([*launch, *run_cmd(1, loop_config, run_dir)[1:]], capture_output=True, text=True,
-                            timeout=600, env=ENV)
-    assert result.returncode == 0, result.stderr[-3000:]
+    accelerate_launch("deepspeed_zero3.yaml", loop_config, run_dir)
     assert trained_with(run_dir) == (2, "deepspeed")
     assert record_files(run_dir) == record_files(one_process_run)
     assert_close_weights(final_checkpoint(run_dir), final_checkpoint(one_process_run), atol=1e-5)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from alignloop.config import ConfigError, load_config
+from alignloop.config import ConfigError, keep_saved_sampler, load_config
 from alignloop.loop import Run, run_loop
 from alignloop.table import format_table
 from alignloop.records import read_records
@@ -87,16 +87,25 @@ RELEASE_0_1_0 = {
 @pytest.mark.parametrize("name", list(RELEASE_0_1_0))
 def test_a_run_directory_of_release_0_1_0_resumes_without_complaint(name, tmp_path, monkeypatch):
     """Resuming compares parsed configurations, not text: 0.1.0 saved every labeler kind's and sampler backend's
-    fields (a judge's `function`, a vLLM sampler's `batch_size`), and later keys are absent from its files."""
+    fields (a judge's `function`, a vLLM sampler's `batch_size`), and later keys are absent from its files.
+    Its default sampler was hf; the same command, which now defaults to vLLM where it is installed, resumes
+    such a run with hf (`keep_saved_sampler`), as `run_loop` does."""
     monkeypatch.chdir(tmp_path)  # the saved run_dir is runs/default
     run_dir = tmp_path / "runs" / "default"
     run_dir.mkdir(parents=True)
     saved = Path(__file__).parent / "fixtures" / "release_0_1_0" / f"{name}.yaml"
     (run_dir / "config.yaml").write_bytes(saved.read_bytes())
-    Run(load_config(None, RELEASE_0_1_0[name])).open()
-    assert load_config(run_dir / "config.yaml") == load_config(None, RELEASE_0_1_0[name])  # rewritten, same config
+    given = keep_saved_sampler(load_config(None, RELEASE_0_1_0[name]), run_dir / "config.yaml")
+    assert given.sampler.backend == ("vllm" if name == "vllm" else "hf")
+    Run(given).open()
+    assert load_config(run_dir / "config.yaml") == given  # rewritten, the same config
+    changed = keep_saved_sampler(load_config(None, RELEASE_0_1_0[name] + ["optim.lr=0.5"]), run_dir / "config.yaml")
     with pytest.raises(ConfigError, match="different configuration"):
-        Run(load_config(None, RELEASE_0_1_0[name] + ["optim.lr=0.5"])).open()
+        Run(changed).open()
+    if name == "default":  # a backend the command does choose is kept, and is a different run
+        chosen = keep_saved_sampler(load_config(None, ["sampler.backend=vllm"]), run_dir / "config.yaml")
+        with pytest.raises(ConfigError, match="different configuration"):
+            Run(chosen).open()
 
 
 def _cli(run_dir, tiny_model, *extra):

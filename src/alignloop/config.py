@@ -442,6 +442,25 @@ def load_sections(path: str | Path | None, overrides: list[str], values: dict[st
     return sections
 
 
+def keep_saved_sampler(config: Config, saved: Path) -> Config:
+    """`config`, for resuming the run whose config file is `saved`: when the command did not choose a sampler
+    backend, the run keeps the one it began with. The default backend depends on whether vLLM is installed
+    (`default_sampler_backend`; releases up to 0.1.0 always chose hf), and a run started under one default
+    must resume, not be refused, under the other. Anything else that differs still makes a different run."""
+    chosen = "sampler" in config.model_fields_set and "backend" in config.sampler.model_fields_set
+    if chosen or not saved.exists():
+        return config
+    backend = load_saved_config(saved).sampler.backend
+    if backend == config.sampler.backend:
+        return config
+    try:  # the settings the command did give, on the run's backend
+        sampler = TypeAdapter(SamplerConfig).validate_python(
+            {**config.sampler.model_dump(exclude_unset=True), "backend": backend})
+    except ValidationError:  # settings only the default backend has: not the run's sampler
+        return config
+    return config.model_copy(update={"sampler": sampler})
+
+
 def dump_config(config: Config) -> str:
     return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
 

@@ -24,7 +24,7 @@ from typing import Callable
 
 from . import distributed
 from .checkpoint import is_checkpoint
-from .config import Config, ConfigError, dump_config, load_saved_config
+from .config import Config, ConfigError, dump_config, keep_saved_sampler, load_saved_config
 from .faults import crash_point
 from .models import resolve_model_path, weights_sha256
 from .prompts.sources import load_prompts
@@ -136,6 +136,7 @@ def run_loop(config: Config, progress: bool = True, echo=print) -> dict:
     """Run (or resume) the whole loop; returns the manifest. Under a launcher, every process calls this."""
     distributed.init()
     progress = progress and distributed.is_main()
+    config = distributed.on_main(lambda: keep_saved_sampler(config, Path(config.run_dir) / "config.yaml"))
     sampler = Sampler(config.sampler, config.seed, config.trust_remote_code)  # a vLLM that cannot run fails here
     try:
         with trainer_on(sampler.placement):

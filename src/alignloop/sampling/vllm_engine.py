@@ -42,7 +42,7 @@ def vllm_console_to_log():
     `VLLM_LOG` instead of the terminal. vLLM and the libraries under it write hundreds of lines a run from
     Python and from native code (Triton and NUMA notices, a warning per weight cast to bf16, weight-loading
     bars, its engine process's logs), which logging settings alone do not reach. If the block fails, the
-    log's last lines are shown with the error. VLLM_LOGGING_LEVEL=INFO (or any level but ERROR) leaves the
+    last lines it wrote are shown with the error. VLLM_LOGGING_LEVEL=INFO (or any level but ERROR) leaves the
     console alone."""
     if os.environ.get("VLLM_LOGGING_LEVEL", "ERROR").upper() != "ERROR":
         yield
@@ -51,6 +51,7 @@ def vllm_console_to_log():
     sys.stderr.flush()
     saved = os.dup(1), os.dup(2)
     with open(VLLM_LOG, "ab") as log:
+        start = log.tell()  # what this block writes begins here
         os.dup2(log.fileno(), 1)
         os.dup2(log.fileno(), 2)
     failed = False
@@ -66,7 +67,9 @@ def vllm_console_to_log():
         os.dup2(saved[1], 2)
         os.close(saved[0])
         os.close(saved[1])
-        tail = VLLM_LOG.read_text(errors="replace").splitlines()[-20:] if failed else []
+        with open(VLLM_LOG, "rb") as log:
+            log.seek(start)
+            tail = log.read().decode(errors="replace").splitlines()[-20:] if failed else []
         if tail:
             print("\n".join(tail) + f"\n(vLLM's output: {VLLM_LOG})", file=sys.stderr)
 
