@@ -91,10 +91,14 @@ def test_under_a_launcher_each_process_takes_its_own_slice_of_the_cores(monkeypa
         p = placement.launched_placement(VLLMSamplerConfig())
         assert p.colocated and p.engine_devices == p.trainer_devices == cores
         assert p.engine_env["VLLM_CPU_OMP_THREADS_BIND"] == ",".join(map(str, cores))
+        assert not p.in_process  # an engine of its own, in processes of its own
+        # a tensor-parallel engine of both processes: the same slice, the shard in the process itself
+        shard = placement.launched_placement(VLLMSamplerConfig(tensor_parallel_size=2))
+        assert shard.in_process and shard.engine_devices == shard.trainer_devices == cores
+    with pytest.raises(PlacementError, match="tensor_parallel_size 4 must divide the number of processes per node"):
+        placement.launched_placement(VLLMSamplerConfig(tensor_parallel_size=4))
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
     with pytest.raises(PlacementError, match="5 cores cannot give each of 8 processes one"):
         placement.launched_placement(VLLMSamplerConfig())
-    with pytest.raises(PlacementError, match="tensor_parallel_size > 1 under a launcher is not supported yet"):
-        placement.launched_placement(VLLMSamplerConfig(tensor_parallel_size=2))
     with pytest.raises(PlacementError, match="sampler.devices places the engine of a single process"):
         placement.launched_placement(VLLMSamplerConfig(devices=[1]))

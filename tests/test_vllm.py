@@ -335,35 +335,46 @@ def test_kill_9_with_the_vllm_sampler_then_rerun_gives_the_same_records(tmp_path
 
 @needs_vllm
 @pytest.mark.requires(launcher_problem())
-def test_two_processes_each_sample_their_share_with_an_engine_of_their_own(tmp_path, models):
-    """`torchrun --nproc_per_node 2 -m alignloop run` with vLLM: each process starts an engine on its own core
-    (colocated with its trainer, as on a GPU each takes its own GPU) and samples half the prompts, each prompt
-    with its own seed. The records are one process's; only vLLM's summed log-probs may differ in the last
-    digits, since an engine's numerics follow the batch it runs (a tensor-parallel engine under a launcher
-    needs GPUs and is refused here)."""
+def test_two_processes_sample_with_an_engine_each_or_one_tensor_parallel_engine(tmp_path, models):
+    """`torchrun --nproc_per_node 2 -m alignloop run` with vLLM, both ways a launcher's processes share the
+    sampling: (a) each process starts an engine of its own on its own core (colocated with its trainer, as on a
+    GPU each takes its own GPU) and samples half the prompts, each prompt with its own seed; (b) with
+    `sampler.tensor_parallel_size=2` the two processes run one engine together, each holding half of every
+    layer (vLLM's external launcher, its all-reduces through the launcher's gloo group on this CPU, NCCL on
+    GPUs). Either way the records are one process's; only vLLM's summed log-probs may differ in the last digits,
+    since an engine's numerics follow the batch it runs and how its matmuls are split."""
     from conftest import torchrun
     from test_loop import record_files
 
-    def cli(launcher, run_dir):
-        args = [a for o in _loop_overrides(run_dir, models[0]) + ["sampler.dtype=float32"] for a in ("--set", o)]
-        return [*launcher, "-m", "alignloop", "--no-progress", "run", *args]
+    def cli(launcher, run_dir, extra):
+        overrides = _loop_overrides(run_dir, models[0]) + ["sampler.dtype=float32", *extra]
+        return [*launcher, "-m", "alignloop", "--no-progress", "run", *[a for o in overrides for a in ("--set", o)]]
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent)}  # toy_rewards
-    one, two = tmp_path / "one", tmp_path / "two"
-    for launcher, run_dir in (([sys.executable], one), (torchrun(2), two)):
-        result = subprocess.run(cli(launcher, run_dir), env=env, capture_output=True, text=True, timeout=900)
+    one, own, shared = tmp_path / "one", tmp_path / "own", tmp_path / "shared"
+    for launcher, run_dir, extra in (([sys.executable], one, []), (torchrun(2), own, []),
+                                     (torchrun(2), shared, ["sampler.tensor_parallel_size=2"])):
+        result = subprocess.run(cli(launcher, run_dir, extra), env=env, capture_output=True, text=True, timeout=900)
         assert result.returncode == 0, result.stderr[-3000:]
-    sampled = json.loads((two / "manifest.json").read_text())["rounds"]["0"]["sample"]
-    assert [w["cores"] for w in sampled["engine_workers"]] == [[sorted(os.sched_getaffinity(0))[0]]]  # main's engine
-    assert sampled["weight_sync"]["mean_abs_diff"] < 1e-3
+    cores = sorted(os.sched_getaffinity(0))
+    for run_dir, workers in ((own, [[cores[0]]]), (shared, [[cores[0]]])):
+        sampled = json.loads((run_dir / "manifest.json").read_text())["rounds"]["0"]["sample"]
+        # the main process's engine, or its shard of the shared one: in the run's own process when shared
+        assert [w["cores"] for w in sampled["engine_workers"]] == workers
+        assert sampled["weight_sync"]["mean_abs_diff"] < 1e-3
+    shard = json.loads((shared / "manifest.json").read_text())["rounds"]["0"]["sample"]["engine_workers"][0]
+    assert shard["tensor_parallel"] == {"rank": 0, "size": 2}
 
     def without_logprob(files: dict) -> dict:
         return {name: [{k: v for k, v in json.loads(line).items() if k != "logprob"} for line in text.splitlines()]
                 for name, text in files.items()}
 
-    ones, twos = record_files(one), record_files(two)
-    assert len(ones) == 9 and without_logprob(ones) == without_logprob(twos)
-    for name in ones:
-        for a, b in zip(ones[name].splitlines(), twos[name].splitlines()):
-            if "logprob" in json.loads(a):
-                assert json.loads(b)["logprob"] == pytest.approx(json.loads(a)["logprob"], rel=1e-3)
+    ones = record_files(one)
+    assert len(ones) == 9
+    for run_dir in (own, shared):
+        others = record_files(run_dir)
+        assert without_logprob(ones) == without_logprob(others), run_dir.name
+        for name in ones:
+            for a, b in zip(ones[name].splitlines(), others[name].splitlines()):
+                if "logprob" in json.loads(a):
+                    assert json.loads(b)["logprob"] == pytest.approx(json.loads(a)["logprob"], rel=1e-3)

@@ -103,18 +103,23 @@ def on_main(compute: Callable[[], T]) -> T:
     return result
 
 
-def my_share(count: int) -> list[int]:
-    """The indices of `count` work items this process takes: every world()-th one, starting at its rank."""
-    return list(range(rank(), count, world()))
+def my_share(count: int, group_size: int = 1) -> list[int]:
+    """The indices of `count` work items this process takes: every world()-th one, starting at its rank. With
+    `group_size` g, the processes work in groups of g consecutive ranks (one tensor-parallel engine each) and a
+    group's processes all take the group's share."""
+    groups = world() // group_size
+    return list(range(rank() // group_size, count, groups))
 
 
-def gather_shares(count: int, mine: list[Any]) -> list[Any]:
-    """All `count` results in order, on every process, from each process's results for `my_share(count)`."""
+def gather_shares(count: int, mine: list[Any], group_size: int = 1) -> list[Any]:
+    """All `count` results in order, on every process, from each process's results for `my_share(count,
+    group_size)` (a group's first process speaks for it)."""
     if world() == 1:
         return mine
+    shares = gather_objects(mine)[::group_size]
     merged: list[Any] = [None] * count
-    for r, share in enumerate(gather_objects(mine)):
-        merged[r::world()] = share
+    for g, share in enumerate(shares):
+        merged[g::len(shares)] = share
     return merged
 
 

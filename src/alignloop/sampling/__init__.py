@@ -45,12 +45,13 @@ class Sampler:
         if self.vllm is None:
             self.vllm = VLLMEngine(policy, s, self.seed, self.trust_remote_code, self.placement)
         self.vllm.load_weights(policy)
-        # Under a launcher each process's engine samples a share of the prompts; a prompt's seed comes from its
-        # prompt_id, so its samples do not depend on which engine made them.
-        mine = distributed.my_share(len(prompts))
+        # Under a launcher each engine (a process's own, or a tensor-parallel group's) samples a share of the
+        # prompts; a prompt's seed comes from its prompt_id, so its samples do not depend on which engine made them.
+        group = s.tensor_parallel_size if distributed.world() > 1 else 1
+        mine = distributed.my_share(len(prompts), group)
         rows = self.vllm.generate([prompts[i] for i in mine], n, s.temperature, s.top_p, s.max_new_tokens, s.stop, seed,
                                   progress if distributed.is_main() else None)
-        return distributed.gather_shares(len(prompts), [[o.record for o in row] for row in rows])
+        return distributed.gather_shares(len(prompts), [[o.record for o in row] for row in rows], group)
 
     def sleep(self) -> None:
         """On a GPU the engine gives its memory to the trainer until it samples again."""

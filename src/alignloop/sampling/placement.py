@@ -13,7 +13,7 @@ trainer works.
 
 Under a launcher (`launched_placement`) each process has an engine of its own, colocated with its trainer on
 the process's share of the machine: its GPU (LOCAL_RANK), where the engine sleeps while the trainer runs, or
-its slice of the cores.
+its slice of the cores; or, with tensor parallelism, each group of processes runs one engine, a shard in each.
 """
 
 from __future__ import annotations
@@ -36,6 +36,9 @@ class Placement:
     trainer_devices: tuple[int, ...]  # GPU: the one GPU the trainer uses; CPU: the trainer's cores
     engine_env: dict[str, str] = field(default_factory=dict)  # what the engine's processes start with
     colocated: bool = False  # the engine shares the trainer's devices (and sleeps while it trains, on a GPU)
+    # The engine runs in this process: one shard of a tensor-parallel engine that a group of launched processes
+    # runs together (vLLM's external launcher). Otherwise it runs in processes of its own.
+    in_process: bool = False
 
     def describe(self) -> dict:
         unit = "gpus" if self.on_gpu else "cores"
@@ -101,26 +104,33 @@ def engine_placement(sampler) -> Placement | None:
 
 def launched_placement(sampler) -> Placement:
     """One process's share under a launcher: its GPU, or its slice of the cores, for both its engine and its
-    trainer. The engine's own devices (`sampler.devices`) and tensor parallelism place a single process's
-    engine and are refused here."""
+    trainer. The engine's own devices (`sampler.devices`) place a single process's engine and are refused here.
+
+    With `tensor_parallel_size` T > 1, each T consecutive processes of a node run one tensor-parallel engine
+    together (vLLM's external launcher: every process of the group holds one shard, in the process itself);
+    the groups sample different prompts, like data-parallel engines."""
     if sampler.devices:
         raise PlacementError("sampler.devices places the engine of a single process; under a launcher each "
                              "process's engine shares that process's GPU or cores (leave devices null)")
-    if sampler.tensor_parallel_size != 1:
-        raise PlacementError("tensor_parallel_size > 1 under a launcher is not supported yet: each process runs "
-                             "an engine of its own on its GPU (data parallel); run one process for a "
-                             "tensor-parallel engine")
+    tp = sampler.tensor_parallel_size
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if local_world % tp:
+        raise PlacementError(f"sampler.tensor_parallel_size {tp} must divide the number of processes per node "
+                             f"({local_world}): a tensor-parallel engine is one group of processes on one node")
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
         visible = physical_gpus(os.environ.get("CUDA_VISIBLE_DEVICES"), torch.cuda.device_count())
-        return Placement(True, (local_rank,), (local_rank,), {"CUDA_VISIBLE_DEVICES": visible[local_rank]}, colocated=True)
+        # A one-process engine runs in processes of its own, started seeing only this process's GPU; a
+        # tensor-parallel one runs in this process, on the GPU it already uses.
+        env = {"CUDA_VISIBLE_DEVICES": visible[local_rank]} if tp == 1 else {}
+        return Placement(True, (local_rank,), (local_rank,), env, colocated=True, in_process=tp > 1)
     cores = usable_cores()
-    per_process = len(cores) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    per_process = len(cores) // local_world
     if per_process == 0:
-        raise PlacementError(f"{len(cores)} cores cannot give each of {os.environ.get('LOCAL_WORLD_SIZE')} processes one")
+        raise PlacementError(f"{len(cores)} cores cannot give each of {local_world} processes one")
     mine = cores[local_rank * per_process : (local_rank + 1) * per_process]
     env = {"VLLM_CPU_OMP_THREADS_BIND": cpu_thread_binding(mine, 1), "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
-    return Placement(False, tuple(mine), tuple(mine), env, colocated=True)
+    return Placement(False, tuple(mine), tuple(mine), env, colocated=True, in_process=tp > 1)
 
 
 def usable_cores() -> list[int]:

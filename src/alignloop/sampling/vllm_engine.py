@@ -117,8 +117,9 @@ class VLLMEngine:
         from vllm import LLM
 
         self.on_gpu = torch.cuda.is_available()
+        in_process = placement is not None and placement.in_process
         if not self.on_gpu:
-            _cpu_defaults(sampler.tensor_parallel_size)
+            _cpu_defaults(1 if in_process else sampler.tensor_parallel_size)  # the workers this process starts
         os.environ["ALIGNLOOP_RUN_PID"] = str(os.getpid())  # the engine's processes exit when this one dies
         self.policy = resolve_model_path(policy)
         self.tokenizer = load_tokenizer(self.policy, trust_remote_code)
@@ -137,7 +138,12 @@ class VLLMEngine:
                 max_model_len = AutoConfig.from_pretrained(self.policy, trust_remote_code=trust_remote_code).max_position_embeddings
             device = dict(kv_cache_memory_bytes=int(sampler.cpu_kv_cache_gib * (1 << 30)), enable_chunked_prefill=False,
                           max_num_batched_tokens=max(max_model_len, 4096))
-        with engine_environment(placement), vllm_console_to_log():
+        if in_process:
+            # One shard of a tensor-parallel engine that this process's group of launched processes runs
+            # together: vLLM joins the launcher's process group and makes the groups itself. Every process of a
+            # group must then make the same calls with the same arguments (the same prompts and seeds).
+            device["distributed_executor_backend"] = "external_launcher"
+        with engine_environment(placement), vllm_console_to_log(), _torch_settings_kept():
             self.llm = LLM(
                 model=self.policy, tokenizer=self.policy, dtype=sampler.dtype, seed=seed,
                 tensor_parallel_size=sampler.tensor_parallel_size, enforce_eager=sampler.enforce_eager,
@@ -218,6 +224,22 @@ class VLLMEngine:
         if self.llm is not None:
             self.llm.llm_engine.engine_core.shutdown()
             self.llm = None
+
+
+@contextlib.contextmanager
+def _torch_settings_kept():
+    """A vLLM worker started in this process (a tensor-parallel shard under a launcher) seeds torch's global
+    generators and, on a CPU, replaces `torch.set_num_threads` with a function that does nothing; the trainer
+    that shares the process needs both as they were."""
+    set_num_threads, rng = torch.set_num_threads, torch.random.get_rng_state()
+    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    try:
+        yield
+    finally:
+        torch.set_num_threads = set_num_threads
+        torch.random.set_rng_state(rng)
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state_all(cuda_rng)
 
 
 def _prompt_seed(seed: int, prompt_id) -> int:

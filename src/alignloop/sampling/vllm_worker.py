@@ -35,6 +35,11 @@ class WeightReload:
         from alignloop.sampling.placement import physical_gpus, process_cores
 
         report = {"pid": os.getpid(), "cores": sorted(process_cores())}
+        tp = self.vllm_config.parallel_config.tensor_parallel_size
+        if tp > 1:
+            from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
+
+            report["tensor_parallel"] = {"rank": get_tensor_model_parallel_rank(), "size": tp}
         if torch.cuda.is_available():
             gpus = physical_gpus(os.environ.get("CUDA_VISIBLE_DEVICES"), torch.cuda.device_count())
             report["gpu"] = gpus[torch.cuda.current_device()]
@@ -47,7 +52,7 @@ def _exit_with_the_run() -> None:
     run is resumed, competing with the new engine for the CPU. This worker is the engine core's child, so
     it kills its parent and then itself."""
     pid = os.environ.get("ALIGNLOOP_RUN_PID")
-    if not pid:
+    if not pid or int(pid) == os.getpid():  # a worker in the run's own process (a tensor-parallel shard)
         return
     import psutil
 
