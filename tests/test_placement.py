@@ -80,7 +80,8 @@ def test_trainer_on_binds_every_thread_of_this_process_then_restores():
 
 def test_under_a_launcher_each_process_takes_its_own_slice_of_the_cores(monkeypatch):
     """`launched_placement`: process k of N on a node gets the k-th of N equal slices of the usable cores for
-    its engine and its trainer alike (the GPU case, one GPU per LOCAL_RANK, needs a GPU and is not run here)."""
+    its engine (in the process itself) and its trainer alike (the GPU case, one GPU per LOCAL_RANK, needs a
+    GPU and is not run here)."""
     from alignloop.config import VLLMSamplerConfig
     from alignloop.sampling import placement
 
@@ -89,12 +90,9 @@ def test_under_a_launcher_each_process_takes_its_own_slice_of_the_cores(monkeypa
     for rank, cores in (("0", (0, 1)), ("1", (2, 3))):
         monkeypatch.setenv("LOCAL_RANK", rank)
         p = placement.launched_placement(VLLMSamplerConfig())
-        assert p.colocated and p.engine_devices == p.trainer_devices == cores
-        assert p.engine_env["VLLM_CPU_OMP_THREADS_BIND"] == ",".join(map(str, cores))
-        assert not p.in_process  # an engine of its own, in processes of its own
-        # a tensor-parallel engine of both processes: the same slice, the shard in the process itself
-        shard = placement.launched_placement(VLLMSamplerConfig(tensor_parallel_size=2))
-        assert shard.in_process and shard.engine_devices == shard.trainer_devices == cores
+        assert p.colocated and p.launched and p.engine_devices == p.trainer_devices == cores
+        # a tensor-parallel engine of both processes: each process's shard on the same slice
+        assert placement.launched_placement(VLLMSamplerConfig(tensor_parallel_size=2)) == p
     with pytest.raises(PlacementError, match="tensor_parallel_size 4 must divide the number of processes per node"):
         placement.launched_placement(VLLMSamplerConfig(tensor_parallel_size=4))
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")

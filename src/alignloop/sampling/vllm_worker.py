@@ -48,14 +48,16 @@ class WeightReload:
 
 def _exit_with_the_run() -> None:
     """When the alignloop process that started this engine dies without closing it (kill -9, OOM), take the
-    engine down too. vLLM's engine-core process outlives a killed parent, holding its memory and, when the
-    run is resumed, competing with the new engine for the CPU. This worker is the engine core's child, so
-    it kills its parent and then itself."""
+    engine down too. An engine with devices of its own has an engine-core process, which outlives a killed
+    run, holding its memory and, when the run is resumed, competing with the new engine for the CPU. A worker
+    in a process of its own is the child of that engine core, or of the run itself; it kills an engine-core
+    parent, then itself. A worker in the run's own process goes down with it anyway."""
     pid = os.environ.get("ALIGNLOOP_RUN_PID")
-    if not pid or int(pid) == os.getpid():  # a worker in the run's own process (a tensor-parallel shard)
+    if not pid or int(pid) == os.getpid():
         return
     import psutil
 
+    parent = os.getppid()  # read now: once its parent has died, a process is handed to another
     try:
         run = psutil.Process(int(pid))
     except psutil.NoSuchProcess:
@@ -64,7 +66,8 @@ def _exit_with_the_run() -> None:
     def watch():
         while run is not None and run.is_running():  # is_running also tells a reused pid apart
             time.sleep(1.0)
-        os.kill(os.getppid(), signal.SIGKILL)
+        if parent != int(pid):
+            os.kill(parent, signal.SIGKILL)
         os._exit(1)
 
     threading.Thread(target=watch, name="alignloop-exit-with-run", daemon=True).start()
