@@ -312,6 +312,10 @@ class OptimConfig(Strict):
     # a fraction of the activations (embedded default on this CPU: training 11% longer, peak memory a third
     # lower; benchmarks/train_throughput.py).
     activation_checkpointing: bool = False
+    # Each process's share of a micro-batch goes through the model in pieces of at most this many tokens
+    # (padded rows x width; a longer example is a piece of its own), their gradients summed before the step:
+    # the step's gradients are the whole micro-batch's, its activation memory one piece's. null: one piece.
+    max_tokens_per_forward: int | None = Field(default=1024, gt=0)
 
     @field_validator("mixed_precision", mode="before")
     @classmethod

@@ -189,7 +189,9 @@ def parallelize(model: torch.nn.Module, how: str, optim) -> tuple[torch.nn.Modul
             if type(module).__name__ in blocks:
                 fully_shard(module, mesh=mesh)
         fully_shard(model, mesh=mesh)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=optim.lr, weight_decay=optim.weight_decay)
+    # fused: one kernel over all parameters, with no temporary copies of them (the default, foreach, makes a
+    # few, which set the step's peak memory)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=optim.lr, weight_decay=optim.weight_decay, fused=True)
     if how == "deepspeed":
         deepspeed = import_deepspeed()
         model, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(optim))

@@ -88,6 +88,30 @@ def loss_on_batch(loss: str, params: dict, model, batch: list[Example], pad_id: 
     return losses, {k: float(v) for k, v in metrics.items()}
 
 
+def forward_pieces(batch: list[Example], max_tokens: int | None) -> list[list[Example]]:
+    """`batch` cut, in order, into pieces that each go through the model at once: as many examples as fit
+    `max_tokens` padded tokens (rows x the longest row, a row holding a prompt once and its responses), at
+    least one. None: the whole batch."""
+    if max_tokens is None:
+        return [batch]
+    pieces: list[list[Example]] = [[]]
+    widest = 0
+    for example in batch:
+        width = len(example.prompt) + sum(len(r) for r in example.responses)
+        if pieces[-1] and (len(pieces[-1]) + 1) * max(widest, width) > max_tokens:
+            pieces.append([])
+            widest = 0
+        pieces[-1].append(example)
+        widest = max(widest, width)
+    return pieces
+
+
+def weighted_mean(metrics: list[tuple[dict, int]]) -> dict:
+    """Each metric averaged over the pieces that report it, weighted by their examples."""
+    keys = dict.fromkeys(key for m, _ in metrics for key in m)
+    return {key: sum(m[key] * n for m, n in metrics if key in m) / sum(n for m, n in metrics if key in m) for key in keys}
+
+
 def warmup_then_constant(warmup_steps: int):
     """Linear warmup to the full learning rate, then constant: an online run has no known end."""
     return lambda step: min(1.0, (step + 1) / max(1, warmup_steps))
@@ -156,15 +180,21 @@ def train_round(feedback: list[dict], *, policy: str, reference: str, out_dir: s
         weight = len(part) * world / len(batch_ids)
         batch = [examples[i] for i in part or batch_ids[:1]]
         steps_now = (k + 1) % accumulation == 0 or k == len(batches) - 1
-        with distributed.gradient_sync(model, steps_now), autocast:
+        with autocast:
             shared = objective.local_estimate(model, batch, pad_id)
-            if shared is not None and world > 1:  # every process must use the same number: the batch's
-                total, count = distributed.sum_over_processes([float(shared) * len(part), len(part)])
-                shared = torch.tensor(total / count, dtype=shared.dtype, device=shared.device)
-            losses, metrics = loss_on_batch(loss.name, loss.params, model, batch, pad_id, kl_override=shared)
-            batch_loss = losses.mean()
-            distributed.backward(model, (batch_loss * weight if world > 1 else batch_loss) / accumulation)
-        accumulated.append(batch_metrics(batch_loss.item(), metrics, len(part)))
+        if shared is not None and world > 1:  # every process must use the same number: the batch's
+            total, count = distributed.sum_over_processes([float(shared) * len(part), len(part)])
+            shared = torch.tensor(total / count, dtype=shared.dtype, device=shared.device)
+        batch_loss, piece_metrics = 0.0, []
+        pieces = forward_pieces(batch, optim.max_tokens_per_forward)
+        for j, piece in enumerate(pieces):
+            with distributed.gradient_sync(model, steps_now and j == len(pieces) - 1), autocast:
+                losses, metrics = loss_on_batch(loss.name, loss.params, model, piece, pad_id, kl_override=shared)
+                piece_loss = losses.sum() / len(batch)  # the pieces' losses add up to the micro-batch's mean
+                distributed.backward(model, (piece_loss * weight if world > 1 else piece_loss) / accumulation)
+            batch_loss += piece_loss.item()
+            piece_metrics.append((metrics, len(piece)))
+        accumulated.append(batch_metrics(batch_loss, weighted_mean(piece_metrics), len(part)))
         if steps_now:
             grad_norm = distributed.step(model, optimizer, optim.max_grad_norm)  # clipped, stepped, cleared
             scheduler.step()
