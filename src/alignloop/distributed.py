@@ -60,7 +60,8 @@ def world() -> int:
 
 
 def rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
+    # The launcher's number when the group is gone: a vLLM engine under a launcher takes it down when it closes
+    return dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))
 
 
 def local_rank() -> int:
