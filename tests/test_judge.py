@@ -5,7 +5,8 @@ user message (so from the output being judged): `score=N` is the score it gives;
 `FAULT:500once` and `FAULT:droponce` fail the first request for that message only; `FAULT:500always` and
 `FAULT:hang` (no answer within the client's timeout) fail every time; `FAULT:garbage` answers without a
 score, `FAULT:range` with `Final Score: 11`, `FAULT:400` with a non-retryable 400. Every 200 answer reports
-usage of 100 prompt and 10 completion tokens, so the token and cost accounting is exact.
+usage of 100 prompt and 10 completion tokens, so the token and cost accounting is exact. `delay` makes every
+answer slow, `status` makes every request fail with that HTTP status.
 """
 
 from __future__ import annotations
@@ -23,8 +24,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from alignloop.config import ConfigError, JudgeConfig, dump_config, load_config
+from alignloop.loop import Run, label_stage, sample_stage
+from alignloop.records import read_samples, write_records
 from alignloop.rewards import make_labeler
-from alignloop.rewards.judge import JudgeLabeler, judge_pairs, parse_score, parse_verdict
+from alignloop.rewards.judge import JudgeError, JudgeLabeler, judge_pairs, parse_score, parse_verdict
+from alignloop.sampling import Sampler
 from alignloop.stages.label import label_records
 from conftest import tiny_run_overrides
 
@@ -38,6 +42,8 @@ class FakeJudge:
         self.lock = threading.Lock()
         self.stop = threading.Event()
         self.vary = False  # unmarked outputs: score 5, or (vary) a score from a hash of the message
+        self.delay = 0.0  # seconds before each answer
+        self.status: int | None = None  # every request answered with this status
         judge = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -54,6 +60,9 @@ class FakeJudge:
                     judge.seen[user] = n = judge.seen.get(user, 0) + 1
                 if self.path != "/v1/chat/completions":
                     return self.send_json(404, {"error": "no such route"})
+                if judge.status is not None:
+                    return self.send_json(judge.status, {"error": "down"})
+                time.sleep(judge.delay)
                 if "FAULT:hang" in user:
                     judge.stop.wait(1.0)  # past the client's 0.5 s timeout; then close without an answer
                     return
@@ -210,8 +219,10 @@ def test_the_key_reaches_no_file_of_a_real_run_and_no_console_output(server, tin
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert manifest["rounds"]["1"]["label"]["labeler"] == "judge:judge-model" and manifest["rounds"]["1"]["label"]["parsed"] == 18
     assert (run_dir / "rounds/r001/checkpoint/model.safetensors").exists()
-    label_requests = sum(manifest["rounds"][r]["label"]["requests"] for r in ("0", "1"))
-    assert 0 < label_requests < len(server.requests)  # the held-out evaluations asked the judge too
+    # each round's samples were judged while sampling ran; its label stage found the answers in the cache
+    assert [manifest["rounds"][r]["label"]["requests"] for r in ("0", "1")] == [0, 0]
+    round_requests = sum(manifest["rounds"][r]["sample"]["judge_prefetch"]["requests"] for r in ("0", "1"))
+    assert 0 < round_requests < len(server.requests)  # the held-out evaluations asked the judge too
     assert {r["auth"] for r in server.requests} == {f"Bearer {KEY}"}
     files = [p for p in run_dir.rglob("*") if p.is_file()]
     assert len(files) > 20 and any(p.name == "judge_cache.jsonl" for p in files)
@@ -342,3 +353,97 @@ def test_judge_config_is_validated_and_callable_config_unchanged(tmp_path):
     assert load_config(tmp_path / "c.yaml") == judge  # and a resumed run reads back the same config
     # a callable labeler is saved as it always was
     assert "labeler:\n  kind: callable\n  function: alignloop.rewards.ifeval:ifeval_reward\n  batch_size: 64\nfeedback:" in dump_config(load_config(None))
+
+
+# ---- the judge at work while the sampler runs (`JudgePrefetch`), in a round's sample and label stages
+
+ROUND_PROMPTS = [{"prompt_id": f"q{i}", "prompt": [{"role": "user", "content": f"Question {i}?"}]} for i in range(6)]
+
+
+def judge_round(server, tiny_model, run_dir, monkeypatch, *extra):
+    """A run directory, sampler and judge for one round on the tiny model: 6 prompts x 3 samples, sampled in
+    6 batches (one prompt each), so that there is sampling left to do after the first prompt's samples exist."""
+    monkeypatch.setenv("ALIGNLOOP_TEST_JUDGE_KEY", KEY)
+    overrides = [o for o in tiny_run_overrides(run_dir, tiny_model) if not o.startswith("labeler.")] + [
+        "labeler.kind=judge", f"labeler.base_url={server.base_url}", "labeler.model=judge-model",
+        "labeler.api_key_env=ALIGNLOOP_TEST_JUDGE_KEY", "labeler.timeout=5", "labeler.max_concurrency=4",
+        "sampler.batch_size=3", "sampler.max_new_tokens=24", *extra]
+    config = load_config(None, overrides)
+    run = Run(config)
+    run.open()
+    labeler = make_labeler(config.labeler, run.dir)
+    labeler.backoff = 0.01
+    return run, Sampler(config.sampler, config.seed), labeler
+
+
+def sample_round(run, sampler, labeler) -> tuple[dict, float]:
+    """The sample stage's manifest entry, and when its sampler returned (time.monotonic, as the server's times)."""
+    ends, generate = [], sampler.generate
+
+    def timed(*args, **kwargs):
+        outputs = generate(*args, **kwargs)
+        ends.append(time.monotonic())
+        return outputs
+
+    sampler.generate = timed
+    return sample_stage(run, 0, ROUND_PROMPTS, 0, run.config.policy, 0, sampler, None, labeler), ends[0]
+
+
+def labeled_without_prefetch(run, tmp_path) -> bytes:
+    """scored.jsonl as labeling the round's samples afterwards, with a judge that has no cache, writes it."""
+    expected, _ = label_records(read_samples(run.round_dir(0) / "samples.jsonl"), make_labeler(run.config.labeler), progress=None)
+    write_records(tmp_path / "expected.jsonl", expected)
+    return (tmp_path / "expected.jsonl").read_bytes()
+
+
+def test_the_judge_starts_while_sampling_runs_and_the_label_stage_asks_nothing(server, tiny_model, tmp_path, monkeypatch):
+    server.vary, server.delay = True, 0.2
+    run, sampler, labeler = judge_round(server, tiny_model, tmp_path / "run", monkeypatch)
+    sampled, sampling_end = sample_round(run, sampler, labeler)
+
+    prefetch = sampled["judge_prefetch"]
+    assert {k: prefetch[k] for k in ("items", "requests", "api_failures")} == {"items": 18, "requests": 18, "api_failures": 0}
+    assert len(server.requests) == 18
+    # the first prompt's 3 samples went to the judge while the other 5 prompts were being sampled
+    assert sum(r["time"] < sampling_end for r in server.requests) >= 3
+    assert 0 <= prefetch["seconds_after_sampling"] < sampled["seconds"]
+    assert len(json.loads(run.manifest_path.read_text())["rounds"]["0"]["sample"]["judge_prefetch"]) == 4  # recorded
+
+    labeled = label_stage(run, 0, labeler, None)
+    assert (labeled["requests"], labeled["cached"], labeled["parsed"], labeled["scored"]) == (0, 18, 18, 18)
+    assert len(server.requests) == 18
+    assert (run.round_dir(0) / "scored.jsonl").read_bytes() == labeled_without_prefetch(run, tmp_path)
+
+
+def test_a_pairwise_judge_compares_each_prompts_samples_while_sampling_runs(server, tiny_model, tmp_path, monkeypatch):
+    server.delay = 0.05
+    run, sampler, labeler = judge_round(server, tiny_model, tmp_path / "run", monkeypatch, "labeler.pairwise=true",
+                                        "labeler.batch_size=6", "heldout=null")
+    sampled, sampling_end = sample_round(run, sampler, labeler)
+    assert sampled["judge_prefetch"]["requests"] == 36 == len(server.requests)  # 6 prompts x 3 pairs x both orders
+    assert server.requests[0]["time"] < sampling_end
+    labeled = label_stage(run, 0, labeler, None)
+    assert (labeled["requests"], labeled["cached"], labeled["scored"]) == (0, 36, 18)
+    assert (run.round_dir(0) / "scored.jsonl").read_bytes() == labeled_without_prefetch(run, tmp_path)
+
+
+@pytest.mark.parametrize("status", [500, 404])
+def test_a_failing_judge_does_not_fail_sampling(status, server, tiny_model, tmp_path, monkeypatch):
+    """500 on every try: the prefetch gives up on each sample, the label stage asks again and records the
+    failures as it always does. 404 (no retry can fix it): the prefetch stops, the label stage stops the run."""
+    server.status = status
+    run, sampler, labeler = judge_round(server, tiny_model, tmp_path / "run", monkeypatch, "labeler.max_retries=1")
+    sampled, _ = sample_round(run, sampler, labeler)
+    assert sampled["count"] == 18 and len(read_samples(run.round_dir(0) / "samples.jsonl")) == 18
+    prefetch = sampled["judge_prefetch"]
+    if status == 500:
+        assert (prefetch["requests"], prefetch["api_failures"], "error" in prefetch) == (36, 18, False)
+        labeled = label_stage(run, 0, labeler, None)
+        assert (labeled["requests"], labeled["cached"], labeled["api_failures"], labeled["failed"]) == (36, 0, 18, 18)
+        scored = [json.loads(line) for line in (run.round_dir(0) / "scored.jsonl").read_text().splitlines()]
+        assert {r["label_error"] for r in scored} == {"judge API failure: HTTP 500 (gave up after 2 attempts)"}
+    else:
+        assert "HTTP 404, check base_url and model 'judge-model'" in prefetch["error"]
+        assert prefetch["requests"] < 18  # it stopped asking
+        with pytest.raises(JudgeError, match="HTTP 404"):
+            label_stage(run, 0, labeler, None)

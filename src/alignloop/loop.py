@@ -14,6 +14,7 @@ the others learn what it decided (a stage done, its manifest entry) from it, nev
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import random
@@ -30,6 +31,7 @@ from .models import resolve_model_path, weights_sha256
 from .prompts.sources import load_prompts
 from .records import atomic_write_text, dumps, file_sha256, read_records, read_samples, write_json, write_records
 from .rewards import make_labeler
+from .rewards.judge import JudgePrefetch
 from .sampling import Sampler
 from .sampling.placement import trainer_on
 from .stages.evaluate import heldout_samples, mean_reward, paired_difference
@@ -167,7 +169,7 @@ def _run_rounds(config: Config, sampler: Sampler, progress: bool, echo) -> dict:
     for r, start in enumerate(range(0, len(prompts), config.prompts_per_round)):
         seed = config.seed * 1000 + r
         round_prompts = prompts[start : start + config.prompts_per_round]
-        sampled = sample_stage(run, r, round_prompts, start, policy, seed, sampler, show(f"sample r{r:03d}"))
+        sampled = sample_stage(run, r, round_prompts, start, policy, seed, sampler, show(f"sample r{r:03d}"), labeler)
         if sampled["count"] == 0:
             if distributed.is_main():
                 echo(f"round {r}: no samples; stopping")
@@ -206,14 +208,23 @@ def labels_in_processes(config: Config) -> bool:
 
 
 def sample_stage(run: Run, r: int, prompts: list[dict], start: int, policy: str, seed: int, sampler: Sampler,
-                 progress: str | None) -> dict:
-    """n samples per prompt of this round's slice, from the current policy."""
+                 progress: str | None, labeler=None) -> dict:
+    """n samples per prompt of this round's slice, from the current policy. With a judge for labeler, the main
+    process judges each prompt's samples as soon as they exist (`JudgePrefetch`), so the label stage finds
+    the answers in the judge's cache instead of waiting for them all after sampling."""
     config = run.config
     out = run.round_dir(r) / "samples.jsonl"
+    judge = labeler if config.labeler.kind == "judge" and distributed.is_main() else None
 
     def compute() -> dict:
-        samples = sample_records(prompts, policy, sampler, n=config.samples_per_prompt, round_index=r, seed=seed,
-                                 generator=run.policy_id(policy), progress=progress)
+        with JudgePrefetch(judge) if judge else contextlib.nullcontext() as prefetch:
+            samples = sample_records(prompts, policy, sampler, n=config.samples_per_prompt, round_index=r, seed=seed,
+                                     generator=run.policy_id(policy), progress=progress,
+                                     on_prompt_done=prefetch.add if prefetch else None)
+            sampled = time.time()
+        judge_info = {}
+        if prefetch:  # leaving the block waited for the answers still to come: how long the judge kept the round waiting
+            judge_info["judge_prefetch"] = {**prefetch.summary(), "seconds_after_sampling": round(time.time() - sampled, 3)}
         vllm_info = {}
         if sampler.vllm is not None:
             vllm_info["engine_workers"] = sampler.vllm.workers  # where the samples were made
@@ -225,7 +236,7 @@ def sample_stage(run: Run, r: int, prompts: list[dict], start: int, policy: str,
         run.write_records(out, samples)
         return {"policy": policy, "prompts": len(prompts), "prompt_slice": [start, start + len(prompts)],
                 "count": len(samples), "input_sha256": hashlib.sha256("".join(dumps(p) for p in prompts).encode()).hexdigest(),
-                "seed": seed, "backend": config.sampler.backend, **vllm_info}
+                "seed": seed, "backend": config.sampler.backend, **vllm_info, **judge_info}
 
     return run.once(r, "sample", out, compute)
 

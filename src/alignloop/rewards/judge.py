@@ -13,18 +13,22 @@ Why it is built this way:
 - The API key is read from the environment variable the config names, sent only as a Bearer header, and
   never stored in records, cache, manifest or error messages.
 - Parsing is strict: a reply without a clear score in 1-10 is a parse failure, not a guess.
+- The judge can start before labeling does (`JudgePrefetch`): each prompt's samples are judged while the
+  sampler makes the next ones, and the label stage then finds the answers in the cache.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import copy
 import hashlib
 import json
 import os
 import random
 import re
 import ssl
+import threading
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -191,6 +195,7 @@ class JudgeCache:
         self.path = Path(path)
         self.answers: dict[str, str] = {}
         self._torn = False
+        self._lock = threading.Lock()  # a prefetch (`JudgePrefetch`) writes from a thread of its own
         if self.path.exists():
             text = self.path.read_text(encoding="utf-8", errors="replace")
             self._torn = bool(text) and not text.endswith("\n")
@@ -205,11 +210,12 @@ class JudgeCache:
         return self.answers.get(key)
 
     def put(self, key: str, model: str, raw: str) -> None:
-        self.answers[key] = raw
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(("\n" if self._torn else "") + json.dumps({"key": key, "model": model, "raw": raw}, ensure_ascii=False) + "\n")
-        self._torn = False
+        with self._lock:
+            self.answers[key] = raw
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(("\n" if self._torn else "") + json.dumps({"key": key, "model": model, "raw": raw}, ensure_ascii=False) + "\n")
+            self._torn = False
 
 
 # ---------------------------------------------------------------------------------------------- labeler
@@ -425,6 +431,76 @@ class JudgeLabeler:
 
     def _redact(self, text: str) -> str:
         return text.replace(self._api_key, "***") if self._api_key else text
+
+
+class JudgePrefetch:
+    """Judge calls started while sampling runs: `add` takes one prompt's sample records as soon as they exist
+    and judges them in the background (pairwise: against each other, as labeling would), so that the answers
+    are in the judge's cache when the label stage asks. Leaving the `with` block waits for the calls in flight
+    (or, on an error, cancels them); a resumed run finds what was answered in the cache.
+
+    Nothing here can fail sampling: a judge call that fails is left for the label stage, which asks again and
+    reports it as it always does; an error no retry can fix (a refused key) stops the prefetch, not the run.
+
+    The calls run in a thread of their own, with their own event loop, on a copy of the labeler: it shares the
+    labeler's cache but has its own stats, semaphore and in-flight table (those belong to one event loop)."""
+
+    def __init__(self, judge: JudgeLabeler):
+        self.judge = copy.copy(judge)
+        self.judge.reset_stats()  # a dict of its own
+        self.judge._semaphore = asyncio.Semaphore(judge.max_concurrency)
+        self.judge._inflight = {}
+        self.items = 0
+        self.error: str | None = None
+        self._calls: list[concurrent.futures.Future] = []
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="judge-prefetch", daemon=True)
+        self._thread.start()
+
+    def __enter__(self) -> JudgePrefetch:
+        return self
+
+    def __exit__(self, exc_type, *_) -> None:
+        self.close(wait=exc_type is None)
+
+    def add(self, records: list[dict]) -> None:
+        """Start judging one prompt's sample records."""
+        self.items += len(records)
+        self._calls.append(asyncio.run_coroutine_threadsafe(self._judge([(r, r["output"]) for r in records]), self._loop))
+
+    async def _judge(self, items: list[tuple[dict, str]]) -> None:
+        if self.error is not None:
+            return
+        try:
+            if self.judge.pairwise:
+                await self.judge._score_pairwise(items)
+            else:
+                await asyncio.gather(*(self.judge._score_one(record, output) for record, output in items))
+        except Exception as e:  # a JudgeError; the label stage meets it again and stops the run with it
+            self.error = f"{type(e).__name__}: {e}"
+
+    def close(self, wait: bool = True) -> None:
+        """Wait for the calls in flight (`wait`), or cancel them; then stop the thread."""
+        if wait:
+            concurrent.futures.wait(self._calls)
+        asyncio.run_coroutine_threadsafe(self._cancel_the_rest(), self._loop).result()
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join()
+        self._loop.close()
+
+    @staticmethod
+    async def _cancel_the_rest() -> None:
+        """Cancel what still runs (everything, when not waiting; after an error, the failed prompt's other
+        calls) and let it finish, so that the loop closes with no task pending."""
+        tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    def summary(self) -> dict:
+        """What the prefetch did: samples given to it, HTTP requests made, judge calls that failed."""
+        info = {"items": self.items, "requests": self.judge.stats["requests"], "api_failures": self.judge.stats["api_failures"]}
+        return {**info, "error": self.error} if self.error else info
 
 
 def judge_pairs(judge: JudgeLabeler, pairs: list[tuple[dict, str, str]]) -> list[dict]:

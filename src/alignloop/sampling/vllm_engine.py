@@ -21,8 +21,10 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
+from tqdm import tqdm
 
 from ..models import encode_prompt, load_causal_lm, load_tokenizer, resolve_model_path
 from .placement import Placement, cpu_thread_binding, engine_environment, environment, usable_cores
@@ -163,9 +165,12 @@ class VLLMEngine:
         self.last_outputs: list[SampledOutput] = []
 
     def generate(self, prompts: list[dict], n: int, temperature: float, top_p: float, max_new_tokens: int,
-                 stop: list[str], seed: int, progress: str | None = None) -> list[list[SampledOutput]]:
-        """n samples per prompt record. Each prompt gets its own seed, drawn from `seed` and its prompt_id, so
-        a prompt's samples do not depend on which other prompts share the batch."""
+                 stop: list[str], seed: int, progress: str | None = None,
+                 on_prompt_done: Callable[[int, list[SampledOutput]], None] | None = None) -> list[list[SampledOutput]]:
+        """n samples per prompt record, in prompt order. Each prompt gets its own seed, drawn from `seed` and its
+        prompt_id, so a prompt's samples do not depend on which other prompts share the batch.
+        `on_prompt_done(i, samples)` is called as soon as prompt i's samples are all finished (a judge can start
+        on them while the engine samples the rest)."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
@@ -178,19 +183,31 @@ class VLLMEngine:
                            seed=_prompt_seed(seed, p.get("prompt_id", i)), logprobs=0, skip_special_tokens=True)
             for i, p in enumerate(prompts)
         ]
-        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in encoded], params,
-                                    use_tqdm=bool(progress))
-        results = []
-        for ids, out in zip(encoded, outputs):
-            samples = []
-            for c in out.outputs:
-                token_logprobs = [step[t].logprob for step, t in zip(c.logprobs or [], c.token_ids)]
-                record = {
-                    "output": c.text, "finish_reason": "stop" if c.finish_reason == "stop" else "length",
-                    "num_tokens": len(c.token_ids), "prompt_tokens": len(ids), "logprob": float(sum(token_logprobs)),
-                }
-                samples.append(SampledOutput(record, list(out.prompt_token_ids), list(c.token_ids), token_logprobs))
-            results.append(samples)
+        # What `llm.generate` does, stepping the engine here so that each prompt is reported when it finishes.
+        # Every request is queued before the first step, as `generate` does: the batches, and with them the
+        # samples, do not depend on how fast anything else runs.
+        request_ids = self.llm.enqueue([TokensPrompt(prompt_token_ids=ids) for ids in encoded], params, use_tqdm=False)
+        # enqueue gives vLLM's internal ids ("7-1a2b3c4d": the id it chose, a random suffix); outputs carry the first part
+        place = {rid.split("-", 1)[0]: i for i, rid in enumerate(request_ids)}
+        results: list[list[SampledOutput]] = [[] for _ in prompts]
+        engine = self.llm.llm_engine
+        with tqdm(total=len(prompts), desc=progress or "sample", unit="prompt", disable=not progress) as bar:
+            while engine.has_unfinished_requests():
+                for out in engine.step():
+                    if not out.finished:
+                        continue
+                    i = place[out.request_id]
+                    for c in out.outputs:
+                        token_logprobs = [step[t].logprob for step, t in zip(c.logprobs or [], c.token_ids)]
+                        record = {
+                            "output": c.text, "finish_reason": "stop" if c.finish_reason == "stop" else "length",
+                            "num_tokens": len(c.token_ids), "prompt_tokens": len(encoded[i]),
+                            "logprob": float(sum(token_logprobs)),
+                        }
+                        results[i].append(SampledOutput(record, list(out.prompt_token_ids), list(c.token_ids), token_logprobs))
+                    if on_prompt_done is not None:
+                        on_prompt_done(i, results[i])
+                    bar.update(1)
         self.last_outputs = [o for row in results for o in row]
         return results
 
