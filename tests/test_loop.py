@@ -203,3 +203,18 @@ def test_loop_with_kto_on_binary_feedback_and_grpo_on_scored_groups(tiny_model, 
     train = manifest["rounds"]["0"]["train"]
     assert train["input_sha256"] == manifest["rounds"]["0"]["label"]["sha256"]  # trained on scored.jsonl
     assert train["summary"]["steps"] >= 1
+
+
+def test_a_resumed_run_removes_what_a_killed_one_was_writing(tmp_path, tiny_model):
+    """A kill -9 mid-write leaves a record file's temporary (`.feedback.jsonl.<random>.tmp`) or a checkpoint's
+    temporary folder (`checkpoint.tmp/`) that was never renamed into place; opening the run again removes them,
+    and nothing else."""
+    config = load_config(None, tiny_run_overrides(tmp_path / "run", tiny_model))
+    Run(config).open()
+    round_dir = tmp_path / "run" / "rounds" / "r000"
+    (round_dir / "checkpoint.tmp").mkdir(parents=True)
+    (round_dir / "checkpoint.tmp" / "model.safetensors").write_bytes(b"half")
+    (round_dir / ".feedback.jsonl.k2j4.tmp").write_text('{"half": ')
+    (round_dir / "samples.jsonl").write_text("{}\n")
+    Run(config).open()
+    assert sorted(p.name for p in round_dir.iterdir()) == ["samples.jsonl"]

@@ -55,6 +55,12 @@ class Run:
         added in a later release, at its default, is not a change."""
         def read_or_start() -> dict:
             self.dir.mkdir(parents=True, exist_ok=True)
+            # What a killed run was writing: a record file's or a checkpoint's temporary, never renamed into place
+            for leftover in list(self.dir.glob("**/*.tmp")):  # pathlib's * matches dot files too
+                if leftover.is_dir():
+                    shutil.rmtree(leftover, ignore_errors=True)
+                else:
+                    leftover.unlink(missing_ok=True)
             saved = self.dir / "config.yaml"
             if saved.exists() and load_saved_config(saved) != self.config:
                 raise ConfigError(
