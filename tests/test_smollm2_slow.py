@@ -35,7 +35,7 @@ def test_short_loop_on_smollm2_through_the_cli(tmp_path):
 
 def test_embedded_default_aligns(tmp_path):
     """`alignloop run` with no config: 3 rounds on SmolLM2 whose held-out reward ends clearly above the
-    SFT model's, the paired 95% confidence interval over held-out prompts excluding zero (about 9 minutes
+    SFT model's, the paired 95% confidence interval over held-out prompts excluding zero (about 6 minutes
     on 2 CPU cores with vLLM, the default where it is installed, as in CI)."""
     run_dir = tmp_path / "default"
     cmd = [sys.executable, "-m", "alignloop", "--no-progress", "run", "--run-dir", str(run_dir)]
