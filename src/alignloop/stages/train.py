@@ -18,6 +18,7 @@ The recipe, top to bottom:
 from __future__ import annotations
 
 import gc
+import logging
 import random
 from pathlib import Path
 
@@ -56,14 +57,16 @@ def build_examples(records: list[dict], loss: str, tokenizer, max_length: int, s
 
 
 def compute_reference_logps(loss: str, examples: list[Example], reference_path: str, dtype: str, batch_size: int,
-                            pad_id: int, trust_remote_code: bool, progress: bool, bf16_autocast: bool = False) -> None:
+                            pad_id: int, trust_remote_code: bool, progress: bool, bf16_autocast: bool = False,
+                            liger_kernels: bool | None = False) -> None:
     """Fill `Example.reference_logps` with the frozen reference's log-probs, as the loss takes them, then free
     the model. The batches are shared among the processes and the results gathered on every one.
 
-    Under bf16 mixed precision the reference runs under the same autocast as the policy, so that before
-    the first update the policy/reference log-ratio is exactly zero."""
+    Under bf16 mixed precision the reference runs under the same autocast as the policy, and with the same
+    kernels (`liger_kernels`), so that before the first update the policy/reference log-ratio is exactly zero."""
     objective = OBJECTIVES[loss]
     model = load_causal_lm(reference_path, dtype, trust_remote_code).to(inference_device()).eval()
+    with_liger_kernels(model, liger_kernels)
     device = next(model.parameters()).device
     starts = range(0, len(examples), batch_size)
     mine = distributed.my_share(len(starts))
@@ -77,6 +80,43 @@ def compute_reference_logps(loss: str, examples: list[Example], reference_path: 
     del model
     gc.collect()
     return_freed_memory()
+
+
+def with_liger_kernels(model, wanted: bool | None) -> bool:
+    """Put Liger's Triton kernels in place of the model's RMSNorm, rotary embedding and SwiGLU layers (in
+    place) when `wanted`; None: when liger-kernel is installed, the model trains on a GPU and Liger knows
+    its architecture. Returns whether it did.
+
+    Liger's fused linear preference losses are not used: `logprobs` already applies the output head in chunks
+    without the full logits, for every loss, and those losses take the reference's hidden states from a
+    reference model resident beside the policy, which alignloop frees after scoring the round once. (TRL
+    1.16's DPOTrainer makes the same choice: Liger's layer kernels, its own chunked output head.)"""
+    if wanted is False:
+        return False
+    if distributed.device().type != "cuda":
+        if wanted:
+            raise TrainingError("optim.liger_kernels: true needs a GPU (Liger's kernels are written in Triton); "
+                                "this process trains on the CPU")
+        return False
+    try:
+        from liger_kernel.transformers import _apply_liger_kernel_to_instance
+        from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
+    except ImportError as e:
+        if wanted:
+            raise TrainingError(f"optim.liger_kernels: true needs liger-kernel (pip install liger-kernel): {e}") from e
+        return False
+    model_type = getattr(model.config, "model_type", None)
+    if model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:
+        if wanted:
+            raise TrainingError(f"optim.liger_kernels: Liger has no kernels for model type '{model_type}'")
+        return False
+    # Liger logs a warning per optional backend it cannot import (CuTe DSL, Ascend) at the first forward;
+    # its Triton kernels are the ones used, so those stay out of the user's terminal.
+    logging.getLogger("liger_kernel.backends.registry").setLevel(logging.ERROR)
+    # The output head stays alignloop's (`logprobs`): Liger's fused cross-entropy would replace the forward.
+    _apply_liger_kernel_to_instance(model=model, rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                                    fused_linear_cross_entropy=False)
+    return True
 
 
 def loss_on_batch(loss: str, params: dict, model, batch: list[Example], pad_id: int, kl_override=None):
@@ -104,6 +144,18 @@ def forward_pieces(batch: list[Example], max_tokens: int | None) -> list[list[Ex
         pieces[-1].append(example)
         widest = max(widest, width)
     return pieces
+
+
+CPU_TOKENS_PER_FORWARD = 1024  # `optim.max_tokens_per_forward: auto` on a CPU
+
+
+def token_budget(setting: int | str | None) -> int | None:
+    """`optim.max_tokens_per_forward` as `forward_pieces` takes it: "auto" is CPU_TOKENS_PER_FORWARD on a CPU
+    (the embedded default's peak memory: 4.6 GiB in pieces of 1024 against 5.1 GiB whole)
+    and one piece on a GPU (see the setting's comment)."""
+    if setting != "auto":
+        return setting
+    return None if distributed.device().type == "cuda" else CPU_TOKENS_PER_FORWARD
 
 
 def weighted_mean(metrics: list[tuple[dict, int]]) -> dict:
@@ -141,9 +193,11 @@ def train_round(feedback: list[dict], *, policy: str, reference: str, out_dir: s
     show = progress and distributed.is_main()
     if objective.needs_reference:
         compute_reference_logps(loss.name, examples, reference, REFERENCE_DTYPE, optim.batch_size, pad_id,
-                                trust_remote_code, show, bf16_autocast=optim.mixed_precision == "bf16")
+                                trust_remote_code, show, bf16_autocast=optim.mixed_precision == "bf16",
+                                liger_kernels=optim.liger_kernels)
 
     model = load_causal_lm(policy, optim.dtype, trust_remote_code)
+    liger = with_liger_kernels(model, optim.liger_kernels)
     model.train()
     model.config.use_cache = False
     if optim.activation_checkpointing:  # non-reentrant: works under DDP and FSDP2 and with inputs without grad
@@ -169,6 +223,7 @@ def train_round(feedback: list[dict], *, policy: str, reference: str, out_dir: s
         batches += [order[i : i + optim.batch_size] for i in range(0, len(order), optim.batch_size)]
     world, rank = distributed.world(), distributed.rank()
     accumulation = optim.gradient_accumulation_steps
+    budget = token_budget(optim.max_tokens_per_forward)
     step_metrics: list[dict] = []
     accumulated: list[dict] = []
     bar = tqdm(batches, desc=f"train r{round_index:03d}", unit="batch", disable=not show)
@@ -186,7 +241,7 @@ def train_round(feedback: list[dict], *, policy: str, reference: str, out_dir: s
             total, count = distributed.sum_over_processes([float(shared) * len(part), len(part)])
             shared = torch.tensor(total / count, dtype=shared.dtype, device=shared.device)
         batch_loss, piece_metrics = 0.0, []
-        pieces = forward_pieces(batch, optim.max_tokens_per_forward)
+        pieces = forward_pieces(batch, budget)
         for j, piece in enumerate(pieces):
             with distributed.gradient_sync(model, steps_now and j == len(pieces) - 1), autocast:
                 losses, metrics = loss_on_batch(loss.name, loss.params, model, piece, pad_id, kl_override=shared)
@@ -212,7 +267,7 @@ def train_round(feedback: list[dict], *, policy: str, reference: str, out_dir: s
 
     summary = {
         "examples": len(examples), "steps": len(step_metrics), "global_step": state["global_step"],
-        "processes": world, "strategy": how,
+        "processes": world, "strategy": how, "liger_kernels": liger,
         "loss": sum(r["loss"] for r in step_metrics) / max(1, len(step_metrics)),
     }
     for key in ("rewards/accuracy", "rewards/margin", "kl"):
