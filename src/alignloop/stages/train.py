@@ -18,7 +18,6 @@ The recipe, top to bottom:
 from __future__ import annotations
 
 import gc
-import logging
 import random
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from tqdm import tqdm
 from .. import distributed
 from ..checkpoint import load_training_state, save_checkpoint
 from ..config import LossConfig, OptimConfig
+from ..kernels import lean_rms_norms, with_liger_kernels
 from ..models import inference_device, load_causal_lm, load_tokenizer
 from ..objectives import OBJECTIVES, Example, TrainingError, TrainsOn
 from ..records import read_feedback, read_scored
@@ -80,43 +80,6 @@ def compute_reference_logps(loss: str, examples: list[Example], reference_path: 
     del model
     gc.collect()
     return_freed_memory()
-
-
-def with_liger_kernels(model, wanted: bool | None) -> bool:
-    """Put Liger's Triton kernels in place of the model's RMSNorm, rotary embedding and SwiGLU layers (in
-    place) when `wanted`; None: when liger-kernel is installed, the model trains on a GPU and Liger knows
-    its architecture. Returns whether it did.
-
-    Liger's fused linear preference losses are not used: `logprobs` already applies the output head in chunks
-    without the full logits, for every loss, and those losses take the reference's hidden states from a
-    reference model resident beside the policy, which alignloop frees after scoring the round once. (TRL
-    1.16's DPOTrainer makes the same choice: Liger's layer kernels, its own chunked output head.)"""
-    if wanted is False:
-        return False
-    if distributed.device().type != "cuda":
-        if wanted:
-            raise TrainingError("optim.liger_kernels: true needs a GPU (Liger's kernels are written in Triton); "
-                                "this process trains on the CPU")
-        return False
-    try:
-        from liger_kernel.transformers import _apply_liger_kernel_to_instance
-        from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
-    except ImportError as e:
-        if wanted:
-            raise TrainingError(f"optim.liger_kernels: true needs liger-kernel (pip install liger-kernel): {e}") from e
-        return False
-    model_type = getattr(model.config, "model_type", None)
-    if model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:
-        if wanted:
-            raise TrainingError(f"optim.liger_kernels: Liger has no kernels for model type '{model_type}'")
-        return False
-    # Liger logs a warning per optional backend it cannot import (CuTe DSL, Ascend) at the first forward;
-    # its Triton kernels are the ones used, so those stay out of the user's terminal.
-    logging.getLogger("liger_kernel.backends.registry").setLevel(logging.ERROR)
-    # The output head stays alignloop's (`logprobs`): Liger's fused cross-entropy would replace the forward.
-    _apply_liger_kernel_to_instance(model=model, rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
-                                    fused_linear_cross_entropy=False)
-    return True
 
 
 def loss_on_batch(loss: str, params: dict, model, batch: list[Example], pad_id: int, kl_override=None):
@@ -198,6 +161,8 @@ def train_round(feedback: list[dict], *, policy: str, reference: str, out_dir: s
 
     model = load_causal_lm(policy, optim.dtype, trust_remote_code)
     liger = with_liger_kernels(model, optim.liger_kernels)
+    if not liger:
+        lean_rms_norms(model)
     model.train()
     model.config.use_cache = False
     if optim.activation_checkpointing:  # non-reentrant: works under DDP and FSDP2 and with inputs without grad
