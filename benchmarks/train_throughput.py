@@ -242,12 +242,12 @@ def child_alignloop(args, record: Record, liger: bool) -> None:
         record.sequences = sum(len(e.responses) for e in examples)
         return examples
 
-    loaded = []
+    loads = []  # a count: keeping the models here would keep the reference alive after the trainer frees it
 
     def probed_model(*a, **kw):  # train_round loads the reference first, then the policy
         model = load_causal_lm(*a, **kw)
-        record.probe(model, "reference" if not loaded else "policy")
-        loaded.append(model)
+        record.probe(model, "reference" if not loads else "policy")
+        loads.append(1)
         return model
 
     train.build_examples, train.load_causal_lm = counted_examples, probed_model

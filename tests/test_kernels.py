@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from alignloop.config import LossConfig
-from alignloop.kernels import KernelError, lean_rms_norms, with_liger_kernels
+from alignloop.kernels import LLAMA_STYLE_MLPS, LLAMA_STYLE_RMS_NORMS, KernelError, lean_layers, with_liger_kernels
 from alignloop.models import load_causal_lm, load_tokenizer
 from alignloop.stages import train
 from alignloop.stages.train import build_examples, loss_on_batch, train_round
@@ -25,7 +25,7 @@ def test_lean_rms_norm_computes_llamas_norm_and_its_gradients():
         reference.weight.copy_(torch.randn(16))
     lean = LlamaRMSNorm(16, eps=1e-5)
     lean.load_state_dict(reference.state_dict())
-    assert lean_rms_norms(torch.nn.ModuleDict({"norm": lean})) == 1
+    assert lean_layers(torch.nn.ModuleDict({"norm": lean})) == 1
     x = torch.randn(2, 5, 16) * 3
     upstream = torch.randn(2, 5, 16)
     grads = []
@@ -43,25 +43,74 @@ def test_lean_rms_norm_computes_llamas_norm_and_its_gradients():
     assert out.dtype == torch.bfloat16 and torch.equal(out, out_ref.to(torch.bfloat16))
 
 
-def test_lean_norms_replace_the_norms_in_front_of_linear_layers_only(tiny_model):
-    """A Llama's two norms per decoder layer and its last norm; another model's instances are untouched."""
+def test_lean_swiglu_computes_llamas_mlp_and_its_gradients():
+    """Against transformers' LlamaMLP on the same input and weights, under bfloat16 autocast as in training
+    and in float32: the same output bit for bit, and the same gradients for x and the three weights."""
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=16, intermediate_size=40, num_attention_heads=2, hidden_act="silu")
+    reference = LlamaMLP(config)
+    for autocast in (True, False):
+        lean = LlamaMLP(config)
+        lean.load_state_dict(reference.state_dict())
+        assert lean_layers(torch.nn.ModuleDict({"mlp": lean})) == 1
+        x, upstream = torch.randn(2, 5, 16), torch.randn(2, 5, 16)
+        results = []
+        for module in (reference, lean):
+            module.zero_grad()
+            xi = x.clone().requires_grad_()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                out = module(xi)
+                (out.float() * upstream).sum().backward()
+            results.append([out.detach(), xi.grad] + [p.grad for p in module.parameters()])
+        for ref, got in zip(*results, strict=True):
+            assert got.dtype == ref.dtype and torch.allclose(got, ref, rtol=1e-6, atol=1e-7), autocast
+        assert torch.equal(results[1][0], results[0][0])
+
+
+def test_lean_layers_replace_llamas_norms_before_linear_layers_and_its_mlps(tiny_model):
+    """A Llama's two norms and its MLP per decoder layer, and its last norm; another model's instances are
+    untouched."""
     model, untouched = load_causal_lm(tiny_model), load_causal_lm(tiny_model)
-    assert lean_rms_norms(model) == 2 * model.config.num_hidden_layers + 1
+    assert lean_layers(model) == 3 * model.config.num_hidden_layers + 1
     patched = [n for n, m in model.named_modules() if "forward" in vars(m)]
-    assert patched == [f"model.layers.{i}.{n}" for i in range(2) for n in ("input_layernorm", "post_attention_layernorm")] + ["model.norm"]
+    assert patched == [f"model.layers.{i}.{n}" for i in range(2) for n in ("mlp", "input_layernorm", "post_attention_layernorm")] + ["model.norm"]
     assert not any("forward" in vars(m) for m in untouched.modules())
 
 
+@pytest.mark.parametrize("suffix, names", [("RMSNorm", LLAMA_STYLE_RMS_NORMS), ("MLP", LLAMA_STYLE_MLPS)])
+def test_the_listed_layers_compute_what_llamas_do(suffix, names):
+    """The lean swaps reproduce Llama's forward; every class they are listed for has that forward, word for
+    word, in the installed transformers (a class it lacks is skipped)."""
+    import importlib
+    import inspect
+
+    modeling = importlib.import_module("transformers.models.llama.modeling_llama")
+    llama = inspect.getsource(getattr(modeling, "Llama" + suffix).forward)
+    checked = 0
+    for name in names:
+        family = name.removesuffix(suffix).lower()
+        try:
+            cls = getattr(importlib.import_module(f"transformers.models.{family}.modeling_{family}"), name)
+        except (ImportError, AttributeError):
+            continue
+        assert inspect.getsource(cls.forward) == llama, name
+        checked += 1
+    assert checked >= 4
+
+
 @pytest.mark.parametrize("precision", ["no", "bf16"])
-def test_a_round_with_lean_norms_takes_the_same_steps(tiny_model, tmp_path, monkeypatch, precision):
-    """The trainer's lean norms change memory, not training: two steps with and without them give the same
+def test_a_round_with_lean_layers_takes_the_same_steps(tiny_model, tmp_path, monkeypatch, precision):
+    """The trainer's lean layers change memory, not training: two steps with and without them give the same
     losses, grad norms and weights, to float32 rounding without autocast. Under bfloat16 autocast the forward
     is the same bit for bit, and the backward sums the three gradients reaching a norm's output (from q, k
     and v; from gate and up) in bfloat16 rather than float32, a rounding of its own."""
     runs = {}
     for lean in (False, True):
         if not lean:
-            monkeypatch.setattr(train, "lean_rms_norms", lambda model: 0)
+            monkeypatch.setattr(train, "lean_layers", lambda model: 0)
         else:
             monkeypatch.undo()
         log = []

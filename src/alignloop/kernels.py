@@ -1,8 +1,9 @@
 """Which implementation a training model's layers run: swaps made in place, before training, that change the
 memory or the speed of a step and not its results.
 
-- `lean_rms_norms`: the RMSNorms in front of linear layers keep only their input for the backward, and under
-  autocast hand their consumers the low-precision copy those would each have made;
+- `lean_layers`: the RMSNorms in front of linear layers keep only their input for the backward, and under
+  autocast hand their consumers the low-precision copy those would each have made; the SwiGLU MLPs keep
+  only their two projections' outputs and recompute the rest in backward;
 - `with_liger_kernels`: Liger's Triton kernels on GPUs (`optim.liger_kernels`).
 """
 
@@ -12,6 +13,7 @@ import logging
 import types
 
 import torch
+import torch.nn.functional as F
 
 from . import distributed
 
@@ -21,13 +23,16 @@ class KernelError(ValueError):
 
 
 # The RMSNorms whose forward is exactly Llama's, `weight * (x * rsqrt(mean(x^2) + eps)).to(x.dtype)`, by class.
-# Gemma's (1 + weight) and others differ and keep their own forward.
-LLAMA_STYLE_RMS_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "Olmo2RMSNorm",
-                         "SmolLM3RMSNorm", "Phi3RMSNorm")
+# Gemma's (1 + weight), OLMo 2's and others differ and keep their own forward (tests/test_kernels.py compares
+# the listed classes' source with Llama's).
+LLAMA_STYLE_RMS_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "SmolLM3RMSNorm")
 # Where such a norm feeds linear layers only (attention and MLP inputs, the output head), so that its output
 # may be handed over in autocast's dtype: a decoder layer's two norms and the model's last. Qwen3's per-head
 # q_norm / k_norm feed the rotary embedding and keep float32 outputs.
 LINEAR_FED_NORMS = ("input_layernorm", "post_attention_layernorm", "norm")
+# The MLPs that are exactly Llama's, down_proj(act_fn(gate_proj(x)) * up_proj(x)), by class (and a SiLU act_fn
+# and no biases, checked per instance).
+LLAMA_STYLE_MLPS = ("LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP", "Olmo2MLP", "SmolLM3MLP")
 
 
 class _LeanRMSNorm(torch.autograd.Function):
@@ -62,14 +67,57 @@ def _lean_rms_norm_forward(self, hidden_states):
     return _LeanRMSNorm.apply(hidden_states, self.weight, self.variance_epsilon, out)
 
 
-def lean_rms_norms(model: torch.nn.Module) -> int:
-    """Give every Llama-style RMSNorm that feeds linear layers `_LeanRMSNorm`'s forward (this model's
-    instances only). Returns how many. Embedded default, 85 pairs on this CPU: a step's peak resident memory
-    4.35 GiB against 4.79 GiB."""
+class _LeanSwiGLU(torch.autograd.Function):
+    """The SwiGLU MLP's second half, down(silu(gate) * up): gate, up [..., I], the down projection's weight
+    [D, I] -> [..., D], with the same forward arithmetic as Llama's MLP under the same autocast. It saves gate
+    and up (saved there too) where autograd would also keep silu(gate) and the product [..., I], and
+    recomputes those in backward with the same kernels autograd uses (`silu_backward`, the matmuls in the
+    forward's dtype)."""
+
+    @staticmethod
+    def forward(ctx, gate, up, weight):
+        hidden = F.silu(gate) * up
+        ctx.save_for_backward(gate, up, weight)
+        out = F.linear(hidden, weight)  # under autocast: cast as down_proj would
+        ctx.matmul_dtype = out.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        gate, up, weight = ctx.saved_tensors
+        silu = F.silu(gate)
+        hidden = (silu * up).to(ctx.matmul_dtype)
+        grad = grad.to(ctx.matmul_dtype)
+        grad_weight = grad.reshape(-1, grad.size(-1)).t() @ hidden.reshape(-1, hidden.size(-1))
+        grad_hidden = (grad @ weight.to(ctx.matmul_dtype)).to(gate.dtype)
+        grad_gate = torch.ops.aten.silu_backward(grad_hidden * up, gate)
+        return grad_gate, grad_hidden * silu, grad_weight.to(weight.dtype)
+
+
+def _lean_swiglu_forward(self, x):
+    if hasattr(self.down_proj.weight, "ds_id"):  # DeepSpeed ZeRO-3: whole only inside down_proj's own forward
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+    return _LeanSwiGLU.apply(self.gate_proj(x), self.up_proj(x), self.down_proj.weight)
+
+
+def _is_plain_swiglu(module: torch.nn.Module) -> bool:
+    """down(silu(gate(x)) * up(x)) with three bias-free linear layers: Llama's MLP and its copies."""
+    projections = [getattr(module, n, None) for n in ("gate_proj", "up_proj", "down_proj")]
+    silu = type(getattr(module, "act_fn", None)).__name__ in ("SiLU", "SiLUActivation")  # torch's, transformers'
+    return (type(module).__name__ in LLAMA_STYLE_MLPS and silu
+            and all(type(p) is torch.nn.Linear and p.bias is None for p in projections))
+
+
+def lean_layers(model: torch.nn.Module) -> int:
+    """Give every Llama-style RMSNorm that feeds linear layers `_LeanRMSNorm`'s forward, and every plain
+    SwiGLU MLP `_LeanSwiGLU`'s (this model's instances only). Returns how many modules changed."""
     count = 0
     for name, module in model.named_modules():
         if type(module).__name__ in LLAMA_STYLE_RMS_NORMS and name.rsplit(".", 1)[-1] in LINEAR_FED_NORMS:
             module.forward = types.MethodType(_lean_rms_norm_forward, module)
+            count += 1
+        elif _is_plain_swiglu(module):
+            module.forward = types.MethodType(_lean_swiglu_forward, module)
             count += 1
     return count
 

@@ -27,7 +27,7 @@ from tqdm import tqdm
 from .. import distributed
 from ..checkpoint import load_training_state, save_checkpoint
 from ..config import LossConfig, OptimConfig
-from ..kernels import lean_rms_norms, with_liger_kernels
+from ..kernels import lean_layers, with_liger_kernels
 from ..models import inference_device, load_causal_lm, load_tokenizer
 from ..objectives import OBJECTIVES, Example, TrainingError, TrainsOn
 from ..records import read_feedback, read_scored
@@ -162,7 +162,7 @@ def train_round(feedback: list[dict], *, policy: str, reference: str, out_dir: s
     model = load_causal_lm(policy, optim.dtype, trust_remote_code)
     liger = with_liger_kernels(model, optim.liger_kernels)
     if not liger:
-        lean_rms_norms(model)
+        lean_layers(model)
     model.train()
     model.config.use_cache = False
     if optim.activation_checkpointing:  # non-reentrant: works under DDP and FSDP2 and with inputs without grad
