@@ -12,7 +12,7 @@ import pytest
 
 from alignloop.config import ConfigError, keep_saved_sampler, load_config
 from alignloop.loop import Run, run_loop
-from alignloop.table import format_table
+from alignloop.table import format_status, format_table
 from alignloop.records import read_records
 from conftest import tiny_run_overrides
 
@@ -218,3 +218,100 @@ def test_a_resumed_run_removes_what_a_killed_one_was_writing(tmp_path, tiny_mode
     (round_dir / "samples.jsonl").write_text("{}\n")
     Run(config).open()
     assert sorted(p.name for p in round_dir.iterdir()) == ["samples.jsonl"]
+
+
+def _falling_run(tmp_path, tiny_model, action: str):
+    """Three rounds whose held-out reward rises in round 0 and falls by 0.3 in round 1 (`toy_rewards.falls_in_round_1`)."""
+    overrides = tiny_run_overrides(tmp_path / action, tiny_model) + [
+        "total_prompts=18", "labeler.function=toy_rewards:falls_in_round_1", f"guard.action={action}", "guard.tolerance=0.05"]
+    return load_config(None, overrides)
+
+
+def test_guard_rolls_back_to_the_best_round_with_its_optimizer_state(tiny_model, tmp_path):
+    """Round 1's held-out reward falls more than the tolerance below round 0's: round 2 starts from round 0's
+    checkpoint (weights, moments and scheduler), which was kept for it, and the decision is in the manifest,
+    the metrics log, the table and the status."""
+    config = _falling_run(tmp_path, tiny_model, "rollback")
+    lines = []
+    manifest = run_loop(config, progress=False, echo=lines.append)
+    run_dir = Path(config.run_dir)
+    rounds = manifest["rounds"]
+    assert rounds["0"]["guard"]["action"] == "none" and rounds["0"]["guard"]["best"] == 0
+    guard = rounds["1"]["guard"]
+    assert guard["action"] == "rollback" and guard["best"] == 0 and guard["best_reward"] == pytest.approx(0.6, abs=0.011)
+    assert "more than 0.05 below round 0" in guard["reason"]
+    assert rounds["2"]["sample"]["policy"].endswith("rounds/r000/checkpoint")
+    assert rounds["2"]["train"]["resumed_from"].endswith("rounds/r000/checkpoint")
+    # round 2 resumed round 0's optimizer: its first step is global step 4 (round 0 took 3), not 7
+    steps = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in steps if s["event"] == "train_step" and s["round"] == 2][0] == 4
+    assert any(s["event"] == "guard" and s["round"] == 1 for s in steps)
+    assert any("guard: round 1" in line and "going on from round 0" in line for line in lines)
+    assert rounds["2"]["guard"]["best"] == 2  # round 2 beat round 0: its checkpoint alone is kept
+    assert not (run_dir / "rounds/r000/checkpoint").exists() and (run_dir / "rounds/r002/checkpoint").exists()
+    assert manifest["status"] == "complete" and manifest["summary"]["best_round"] == 2
+    assert "guard, round 1: rollback" in format_table(run_dir)
+
+
+def test_guard_stops_the_run_and_keeps_the_best_checkpoint(tiny_model, tmp_path):
+    config = _falling_run(tmp_path, tiny_model, "stop")
+    manifest = run_loop(config, progress=False, echo=lambda line: None)
+    run_dir = Path(config.run_dir)
+    assert manifest["status"] == "stopped" and manifest["summary"]["rounds"] == 2
+    assert manifest["rounds"]["1"]["guard"]["action"] == "stop"
+    assert not (run_dir / "rounds/r002").exists()  # never sampled
+    assert (run_dir / "rounds/r000/checkpoint").exists()  # the best round's, kept though older than round 1's
+    status = format_status(run_dir)
+    assert "stopped by the guard" in status and "rounds done: 2 of 3" in status and "guard: round 1: stop" in status
+    # the same command on a stopped run does nothing more
+    again = run_loop(config, progress=False, echo=lambda line: None)
+    assert again["status"] == "stopped" and not (run_dir / "rounds/r002").exists()
+
+
+def test_guard_length_floor(tmp_path):
+    """Held-out answers shorter than `min_length` x the SFT model's (in words) trip the guard, and such a
+    round is never the best one to go back to."""
+    config = load_config(None, [f"run_dir={tmp_path}", "guard.action=rollback", "guard.min_length=0.5"])
+    run = Run(config)
+    run.manifest = {"rounds": {
+        "sft": {"eval": {"reward": 0.4, "length": {"words": 100.0}}},
+        "0": {"train": {}, "eval": {"reward": 0.5, "length": {"words": 80.0}}},
+        "1": {"train": {}, "eval": {"reward": 0.9, "length": {"words": 40.0}}},  # higher reward, too short
+    }}
+    from alignloop.loop import guard_stage
+
+    assert guard_stage(run, 0)["action"] == "none"
+    decision = guard_stage(run, 1)
+    assert decision["action"] == "rollback" and decision["best"] == 0
+    assert "40.0 words, below 0.5 x the SFT model's 100.0" in decision["reason"]
+    assert json.loads((tmp_path / "manifest.json").read_text())["rounds"]["1"]["guard"] == decision
+
+
+def test_console_shows_a_line_per_stage_and_nothing_from_the_libraries(tiny_model, tmp_path):
+    """`alignloop --no-progress run`: one line per finished stage on stdout, then the table; nothing on stderr
+    (no transformers or DeepSpeed notices, no loading bars). `alignloop status` while it runs says so."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(_cli(tmp_path / "run", tiny_model), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not (tmp_path / "run/rounds/r000/heldout.jsonl").exists():
+        assert proc.poll() is None and time.time() < deadline, "run ended early"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGSTOP)  # frozen mid-run: alive, and not moving on while we look
+    try:
+        status = subprocess.run([sys.executable, "-m", "alignloop", "status", str(tmp_path / "run")],
+                                capture_output=True, text=True, timeout=120)
+    finally:
+        proc.send_signal(signal.SIGCONT)
+    assert status.returncode == 0, status.stderr
+    assert f"running (process {proc.pid})" in status.stdout and "rounds done: 1 of 2" in status.stdout
+    assert "now: round 1, sample" in status.stdout and "prompts left: 6" in status.stdout
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err
+    assert err == ""
+    lines = out.splitlines()
+    stages = ["sample", "label", "feedback", "train", "eval"]
+    expected = ["SFT eval"] + [f"r{r:03d} {s}" for r in (0, 1) for s in stages]
+    assert [line.split("  ")[0].split(" (")[0][: len(e)] for line, e in zip(lines, expected)] == expected
+    assert lines[len(expected)].lstrip().startswith("round")  # then the table
+    assert "complete" in subprocess.run([sys.executable, "-m", "alignloop", "status", str(tmp_path / "run")],
+                                        capture_output=True, text=True).stdout

@@ -50,6 +50,8 @@ def _config_args(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="alignloop", description="Online iterative alignment: sample, label, feedback, train, repeat.")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--verbose", action="store_true", help="show what the libraries underneath print (vLLM's "
+                        "start-up logs, transformers' warnings); by default only alignloop's own lines show")
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
 
     p = verbs.add_parser("run", help="run or resume the whole loop", description=(
@@ -151,6 +153,16 @@ def build_parser() -> argparse.ArgumentParser:
              help="under torchrun / accelerate launch: ddp (a copy per process), fsdp (FSDP2, sharded) or "
                   "deepspeed (ZeRO-2/3, optim.zero_stage)")
     _setting(p, "--dtype", "optim.dtype", choices=["float32", "bfloat16"], help="the weights' dtype while training")
+
+    p = verbs.add_parser("report", help="write a run's report: an HTML page of plots", description=(
+        "Write RUN_DIR/report/index.html (self-contained) and a PNG per plot beside it, from the run directory "
+        "alone; works on a running run. The loop writes it after every round too."))
+    p.add_argument("run_dir", help="the run directory")
+
+    p = verbs.add_parser("status", help="where a run stands", description=(
+        "Rounds done, the stage in progress or next, prompts left, time spent and left, and the last held-out "
+        "numbers, from the run directory alone; works on a running run and a finished one."))
+    p.add_argument("run_dir", help="the run directory")
     return parser
 
 
@@ -163,6 +175,9 @@ def _number_or_word(text: str):
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.verbose:  # read where the libraries are quieted (`models.quiet_libraries`, the vLLM sampler)
+        os.environ["ALIGNLOOP_VERBOSE"] = "1"
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "INFO")
     launched = int(os.environ.get("WORLD_SIZE", "1")) > 1  # one of several processes (torchrun, accelerate launch)
     try:
         if launched:
@@ -215,7 +230,7 @@ def run_verb(args, progress: bool) -> int:
 
     overrides = list(args.set) + ([f"run_dir={args.run_dir}"] if args.run_dir else [])
     config = load_config(args.config, overrides)
-    manifest = run_loop(config, progress=progress)
+    manifest = run_loop(config, progress=progress, echo=lambda line: print(line, flush=True))
     from . import distributed
 
     if distributed.is_main():  # under a launcher, the main process speaks for all
@@ -351,8 +366,28 @@ def _yaml(item: str):
     return parse_override(item)[1]
 
 
+def report_verb(args, progress: bool) -> int:
+    from .report import write_report
+
+    print(f"wrote {write_report(_run_dir(args.run_dir))}")
+    return 0
+
+
+def status_verb(args, progress: bool) -> int:
+    from .table import format_status
+
+    print(format_status(_run_dir(args.run_dir)))
+    return 0
+
+
+def _run_dir(path: str) -> Path:
+    if not (Path(path) / "manifest.json").exists():
+        raise FileNotFoundError(f"{path}: not a run directory (no manifest.json)")
+    return Path(path)
+
+
 VERBS = {"run": run_verb, "sample": sample_verb, "label": label_verb, "feedback": feedback_verb,
-         "train-rm": train_rm_verb, "train": train_verb}
+         "train-rm": train_rm_verb, "train": train_verb, "report": report_verb, "status": status_verb}
 
 
 if __name__ == "__main__":

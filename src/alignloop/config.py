@@ -329,6 +329,27 @@ class OptimConfig(Strict):
         return "no" if value is False else value  # YAML reads a bare `no` as false
 
 
+class EvalConfig(Strict):
+    """What the held-out evaluation measures besides the run's own labeler's reward (which it always does,
+    with the win rate against the SFT model's answers and the answers' lengths)."""
+
+    # More labelers that score the held-out answers too, by name, e.g. {gold: {kind: judge, ...}}: a reward
+    # model's or judge's proxy reward can rise while a second opinion falls (reward hacking)
+    labelers: dict[str, LabelerConfig] = {}
+    kl: bool = True  # per round, KL(policy || reference) along the held-out answers (two forward passes)
+
+
+class GuardConfig(Strict):
+    """Acts when a round's held-out reward falls more than `tolerance` below the best so far (the SFT model's
+    included), or its held-out answers shrink below `min_length` times the SFT model's mean length in words:
+    `stop` ends the run there; `rollback` goes on from the best round's checkpoint, optimizer state and all
+    (that checkpoint is kept until a better round exists); `none` only records the best round."""
+
+    action: Literal["none", "stop", "rollback"] = "none"
+    tolerance: float = Field(default=0.05, ge=0)
+    min_length: float | None = Field(default=None, gt=0, le=1)
+
+
 class Config(Strict):
     run_dir: str = "runs/default"
     seed: int = 0
@@ -346,6 +367,9 @@ class Config(Strict):
     loss: LossConfig = LossConfig()
     optim: OptimConfig = OptimConfig()
     keep_checkpoints: int = Field(default=1, ge=1)
+    eval: EvalConfig = EvalConfig()
+    guard: GuardConfig = GuardConfig()
+    log_to: list[Literal["tensorboard", "wandb", "trackio"]] = []  # trackers beside metrics.jsonl, each an extra
 
     @model_validator(mode="after")
     def _feedback_fits_loss(self):
@@ -363,6 +387,8 @@ class Config(Strict):
             if self.labeler.batch_size % self.samples_per_prompt:
                 raise ValueError("labeler.pairwise: labeler.batch_size must be a multiple of samples_per_prompt "
                                  "so that a prompt's samples are judged together")
+        if self.guard.action != "none" and self.heldout is None:
+            raise ValueError(f"guard.action '{self.guard.action}' acts on the held-out evaluation; it needs heldout prompts")
         return self
 
     @property
@@ -374,17 +400,19 @@ def _format_error(e: ValidationError, prefix: tuple[str, ...] = ()) -> str:
     parts = []
     for err in e.errors():
         loc = [str(p) for p in (*prefix, *err["loc"])]
-        tag = None
-        if len(loc) > 1 and loc[0] in SECTIONS:  # pydantic puts the picked class's tag in the path: drop it
-            tag = loc.pop(1)
+        # A section that is one of several classes (`labeler`, or a labeler under `eval.labelers.NAME`): pydantic
+        # puts the picked class's tag in the path, after the section's own key; drop it
+        section, at = (loc[0], 1) if loc and loc[0] in SECTIONS else ("labeler", 3) if loc[:2] == ["eval", "labelers"] else (None, 0)
+        tag = loc.pop(at) if section and len(loc) > at and err["type"] != "union_tag_invalid" else None
+        where = ".".join(loc[:at])
         key = ".".join(loc) or "(top level)"
         if err["type"] == "extra_forbidden":
             msg = "unknown key"
         elif err["type"] == "union_tag_invalid":
-            key = f"{loc[0]}.{SECTIONS[loc[0]][0]}"
+            key = f"{where}.{SECTIONS[section][0]}"
             msg = f"unknown value '{err['ctx']['tag']}'; choose one of {err['ctx']['expected_tags']}"
         elif err["type"] == "missing" and tag is not None:
-            key, msg = loc[0], f"{SECTIONS[loc[0]][0]} '{tag}' needs '{loc[-1]}'"
+            key, msg = where, f"{SECTIONS[section][0]} '{tag}' needs '{loc[-1]}'"
         else:
             msg = err["msg"].removeprefix("Value error, ")
         parts.append(f"{key}: {msg}")

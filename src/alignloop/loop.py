@@ -17,7 +17,9 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 import random
+import socket
 import shutil
 import time
 from pathlib import Path
@@ -34,21 +36,24 @@ from .rewards import make_labeler
 from .rewards.judge import JudgePrefetch
 from .sampling import Sampler
 from .sampling.placement import trainer_on
-from .stages.evaluate import heldout_samples, mean_reward, paired_difference
+from .stages.evaluate import (heldout_samples, kl_along_answers, length_stats, mean_reward, mean_with_interval,
+                               paired_difference, reward_interval, win_rate)
 from .stages.feedback import binary_feedback, pairwise_feedback
 from .stages.label import BATCHES_PER_CHUNK, label_in_processes, label_records
 from .stages.sample import sample_records
 from .stages.train import has_training_signal, read_training_records, train_round, training_input
-from .table import round_metrics
+from .table import round_metrics, stage_line
 
 
 class Run:
     """A run directory: its config, manifest and metrics log, and the skeleton every stage runs through."""
 
-    def __init__(self, config: Config):
+    def __init__(self, config: Config, echo=None):
         self.config = config
         self.dir = Path(config.run_dir)
         self.manifest_path = self.dir / "manifest.json"
+        self.echo = echo if distributed.is_main() else None  # one line per finished stage, from the main process
+        self.trackers = None
 
     def open(self) -> None:
         """Start or resume. A resumed run must have the same configuration, compared as parsed configs: a key
@@ -76,10 +81,14 @@ class Run:
         if distributed.is_main():
             write_json(self.manifest_path, self.manifest)
 
-    def log(self, event: dict) -> None:
+    def log(self, event: dict, step: int | None = None) -> None:
+        """An event in metrics.jsonl; with `step` (the optimizer's global step), its numbers also go to the
+        trackers (`log_to`), under the same names."""
         if distributed.is_main():
             with open(self.dir / "metrics.jsonl", "a", encoding="utf-8") as f:
                 f.write(dumps({"time": time.time(), **event}) + "\n")
+            if step is not None and self.trackers is not None:
+                self.trackers.log({k: v for k, v in event.items() if k != "event"}, step)
 
     def write_records(self, path: Path, records: list[dict]) -> None:
         """A stage's output, written by the main process (every process holds the same records)."""
@@ -127,6 +136,8 @@ class Run:
         self.manifest["rounds"].setdefault(str(r), {})[name] = entry
         self.save()
         self.log({"event": "stage_done", "round": r, "stage": name, **{k: v for k, v in info.items() if k != "summary"}})
+        if self.echo is not None:
+            self.echo(stage_line(r, name, entry))
         return entry
 
     def once(self, r: int | str, name: str, output: Path, compute: Callable[[], dict]) -> dict:
@@ -145,40 +156,63 @@ def run_loop(config: Config, progress: bool = True, echo=print) -> dict:
     distributed.init()
     progress = progress and distributed.is_main()
     config = distributed.on_main(lambda: keep_saved_sampler(config, Path(config.run_dir) / "config.yaml"))
+    if config.log_to:
+        from .trackers import check_installed
+
+        check_installed(config.log_to)  # a missing tracker's package fails here, before any work
     sampler = Sampler(config.sampler, config.seed, config.trust_remote_code)  # a vLLM that cannot run fails here
+    run = Run(config, echo)
     try:
         with trainer_on(sampler.placement):
-            return _run_rounds(config, sampler, progress, echo)
+            return _run_rounds(run, sampler, progress)
     finally:
         sampler.close()
+        if run.trackers is not None:
+            run.trackers.close()
 
 
-def _run_rounds(config: Config, sampler: Sampler, progress: bool, echo) -> dict:
-    run = Run(config)
+def _run_rounds(run: Run, sampler: Sampler, progress: bool) -> dict:
+    config = run.config
     run.open()
+    if distributed.is_main() and config.log_to:
+        from .trackers import Trackers
+
+        run.trackers = Trackers(config.log_to, run.dir, config.model_dump(mode="json"))
     policy0, reference = local_models(config)
     if "sft" not in run.manifest:  # the reference is recorded by path and hash, and never deleted
         run.manifest["sft"] = distributed.on_main(
             lambda: {"policy": policy0, "reference": reference, "reference_sha256": weights_sha256(reference)})
         run.save()
     # A reward model scores on every process; a judge or a function labels on the main process alone.
-    labeler = make_labeler(config.labeler, run.dir) if labels_in_processes(config) or distributed.is_main() else None
+    labeler = make_labeler(config.labeler, run.dir) if labels_in_processes(config.labeler) or distributed.is_main() else None
+    eval_labelers = {name: (lc, make_labeler(lc, run.dir) if labels_in_processes(lc) or distributed.is_main() else None)
+                     for name, lc in config.eval.labelers.items()}
     prompts = load_prompts(config.prompts)
     random.Random(config.seed).shuffle(prompts)
     prompts = prompts[: config.total_prompts]
     heldout = load_prompts(config.heldout) if config.heldout else []
+    # for `alignloop status`: who is running the run, and how many rounds it has in all
+    run.manifest["plan"] = {"prompts": len(prompts), "rounds": -(-len(prompts) // config.prompts_per_round),
+                            "heldout": len(heldout)}
+    run.manifest["process"] = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}
+    run.manifest.setdefault("started", time.time())
+    run.manifest.pop("status", None)  # complete or stopped until now: a rerun looks again
+    run.save()
     show = lambda what: progress and what or None  # noqa: E731  (a progress bar's title, or none)
 
+    evaluate = lambda key, r, policy, title: eval_stage(  # noqa: E731
+        run, key, r, policy, reference, heldout, labeler, eval_labelers, sampler, show(title))
     if heldout:
-        eval_stage(run, "sft", -1, policy0, heldout, labeler, sampler, show("held-out (SFT)"))
+        evaluate("sft", -1, policy0, "held-out (SFT)")
     policy, resume = policy0, None
+    stopped = False
     for r, start in enumerate(range(0, len(prompts), config.prompts_per_round)):
         seed = config.seed * 1000 + r
         round_prompts = prompts[start : start + config.prompts_per_round]
         sampled = sample_stage(run, r, round_prompts, start, policy, seed, sampler, show(f"sample r{r:03d}"), labeler)
         if sampled["count"] == 0:
-            if distributed.is_main():
-                echo(f"round {r}: no samples; stopping")
+            if run.echo is not None:
+                run.echo(f"round {r}: no samples; stopping")
             break
         label_stage(run, r, labeler, show(f"label r{r:03d}"))
         feedback_stage(run, r, seed)
@@ -186,16 +220,42 @@ def _run_rounds(config: Config, sampler: Sampler, progress: bool, echo) -> dict:
         if "skipped" not in trained:
             policy, resume = str(run.round_dir(r) / "checkpoint"), run.round_dir(r) / "checkpoint"
         if heldout:
-            eval_stage(run, r, r, policy, heldout, labeler, sampler, show(f"held-out r{r:03d}"))
-        if distributed.is_main():
-            write_json(run.round_dir(r) / "metrics.json", round_metrics(run.manifest["rounds"], r))
+            evaluate(r, r, policy, f"held-out r{r:03d}")
+            guard = guard_stage(run, r)
+            if guard["action"] == "rollback":  # the next round goes on from the best round's weights and optimizer
+                policy, resume = (policy0, None) if guard["best"] == "sft" else (
+                    str(run.round_dir(guard["best"]) / "checkpoint"), run.round_dir(guard["best"]) / "checkpoint")
+            stopped = guard["action"] == "stop"
+        metrics = round_metrics(run.manifest["rounds"], r)
+        if distributed.is_main() and not (run.round_dir(r) / "metrics.json").exists():
+            write_json(run.round_dir(r) / "metrics.json", metrics)
+            step = run.manifest["rounds"][str(r)]["train"].get("summary", {}).get("global_step", 0)
+            run.log({"event": "round_done", **metrics}, step=step)
         cleanup_checkpoints(run, r)
+        if distributed.is_main():
+            write_report_safely(run.dir, echo=run.echo)
+        if stopped:
+            break
 
     run.manifest["summary"] = distributed.on_main(lambda: summarize(run))
-    run.manifest["status"] = "complete"
+    run.manifest["status"] = "stopped" if stopped else "complete"
     run.save()
+    if distributed.is_main():
+        write_report_safely(run.dir, echo=run.echo)
     distributed.barrier()
     return run.manifest
+
+
+def write_report_safely(run_dir: Path, echo=None) -> None:
+    """The run's report (`alignloop report`), redrawn; a report that cannot be drawn is said once and does
+    not stop the run, whose records are what matters."""
+    try:
+        from .report import write_report
+
+        write_report(run_dir)
+    except Exception as e:  # noqa: BLE001 (the report only reads what the run wrote)
+        if echo is not None:
+            echo(f"report not written: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
 
 
 def local_models(config: Config) -> tuple[str, str]:
@@ -207,10 +267,10 @@ def local_models(config: Config) -> tuple[str, str]:
     return resolve_model_path(config.policy), resolve_model_path(config.reference_path)
 
 
-def labels_in_processes(config: Config) -> bool:
-    """Whether the labeler's work is shared among the processes (a reward model's forward passes); a judge's
+def labels_in_processes(labeler_config) -> bool:
+    """Whether a labeler's work is shared among the processes (a reward model's forward passes); a judge's
     requests and a reward function run once, on the main process."""
-    return config.labeler.kind == "reward_model"
+    return labeler_config.kind == "reward_model"
 
 
 def sample_stage(run: Run, r: int, prompts: list[dict], start: int, policy: str, seed: int, sampler: Sampler,
@@ -241,7 +301,7 @@ def sample_stage(run: Run, r: int, prompts: list[dict], start: int, policy: str,
                                                                   config.sampler.sync_samples, config.trust_remote_code)
         run.write_records(out, samples)
         return {"policy": policy, "prompts": len(prompts), "prompt_slice": [start, start + len(prompts)],
-                "count": len(samples), "input_sha256": hashlib.sha256("".join(dumps(p) for p in prompts).encode()).hexdigest(),
+                "count": len(samples), "tokens": sum(s.get("num_tokens") or 0 for s in samples), "length": length_stats(samples), "input_sha256": hashlib.sha256("".join(dumps(p) for p in prompts).encode()).hexdigest(),
                 "seed": seed, "backend": config.sampler.backend, **vllm_info, **judge_info}
 
     return run.once(r, "sample", out, compute)
@@ -252,25 +312,26 @@ def label_stage(run: Run, r: int, labeler, progress: str | None) -> dict:
     samples, out = run.round_dir(r) / "samples.jsonl", run.round_dir(r) / "scored.jsonl"
 
     def compute() -> dict:
-        scored, stats = label(run.config, read_samples(samples), labeler, progress)
+        scored, stats = label(run.config.labeler, read_samples(samples), labeler, progress)
         run.write_records(out, scored)
-        return {"input_sha256": file_sha256(samples), **stats, "reward": mean_reward(scored)}
+        return {"input_sha256": file_sha256(samples), **stats, "reward": mean_reward(scored),
+                "reward_ci95": reward_interval(scored)}
 
     return run.once(r, "label", out, compute)
 
 
-def label(config: Config, samples: list[dict], labeler, progress: str | None) -> tuple[list[dict], dict]:
+def label(labeler_config, samples: list[dict], labeler, progress: str | None) -> tuple[list[dict], dict]:
     """The scored samples, on every process, and what to record of the labeling: the labeler's name, its
     stats (a judge counts parses, failures, tokens and cost per stage) and the counts."""
     def once() -> tuple[list[dict], dict]:
         labeler.reset_stats()
-        scored, counts = label_records(samples, labeler, BATCHES_PER_CHUNK * config.labeler.batch_size, progress)
+        scored, counts = label_records(samples, labeler, BATCHES_PER_CHUNK * labeler_config.batch_size, progress)
         return scored, {"labeler": labeler.name, **labeler.stats, **counts}
 
-    if not labels_in_processes(config):
+    if not labels_in_processes(labeler_config):
         return distributed.on_main(once)
     labeler.reset_stats()
-    scored, counts = label_in_processes(samples, labeler, config.labeler.batch_size, progress)
+    scored, counts = label_in_processes(samples, labeler, labeler_config.batch_size, progress)
     return scored, {"labeler": labeler.name, **labeler.stats, **counts}
 
 
@@ -286,8 +347,9 @@ def feedback_stage(run: Run, r: int, seed: int) -> dict:
         else:
             feedback = binary_feedback(records, fb.threshold)
         write_records(out, feedback)
+        margins = [abs(f["reward_difference"]) for f in feedback if f.get("reward_difference") is not None]
         return {"input_sha256": file_sha256(scored), "type": fb.type, "mode": fb.mode, "threshold": fb.threshold,
-                "count": len(feedback), "seed": seed}
+                "count": len(feedback), "margin": sum(margins) / len(margins) if margins else None, "seed": seed}
 
     return run.once(r, "feedback", out, lambda: distributed.on_main(compute))
 
@@ -311,7 +373,7 @@ def train_stage(run: Run, r: int, policy: str, reference: str, resume: Path | No
             records, policy=policy, reference=reference, out_dir=checkpoint, resume=resume,
             loss=config.loss, optim=config.optim, seed=config.seed, round_index=r,
             trust_remote_code=config.trust_remote_code, progress=progress,
-            log=lambda row: run.log({"event": "train_step", **row}),
+            log=lambda row: run.log({"event": "train_step", **row}, step=row["step"]),
         )
         return {"input_sha256": file_sha256(train_input), "policy_in": policy, "resumed_from": str(resume) if resume else None,
                 "policy_out": str(checkpoint), "weights_sha256": weights_sha256(str(checkpoint)), "summary": summary}
@@ -319,25 +381,101 @@ def train_stage(run: Run, r: int, policy: str, reference: str, resume: Path | No
     return run.once(r, "train", checkpoint, compute)
 
 
-def eval_stage(run: Run, key: int | str, round_index: int, policy: str, heldout: list[dict], labeler,
-               sampler: Sampler, progress: str | None) -> dict:
-    """Greedy answers of one policy (the SFT model, or a round's checkpoint) to the held-out prompts, scored."""
+def eval_stage(run: Run, key: int | str, round_index: int, policy: str, reference: str, heldout: list[dict], labeler,
+               eval_labelers: dict, sampler: Sampler, progress: str | None) -> dict:
+    """Greedy answers of one policy (the SFT model, or a round's checkpoint) to the held-out prompts, scored by
+    the run's labeler and by each of `eval.labelers` (`eval_rewards` in the records); for a round, compared
+    with the SFT model's answers, and its KL to the reference along its answers."""
+    config = run.config
     out = run.dir / "eval" / "sft_heldout.jsonl" if key == "sft" else run.round_dir(round_index) / "heldout.jsonl"
 
     def compute() -> dict:
-        samples = heldout_samples(policy, heldout, sampler, round_index, run.config.seed, progress,
-                                 generator=run.policy_id(policy))
-        scored, _ = label(run.config, samples, labeler, None)
+        samples = heldout_samples(policy, heldout, sampler, round_index, config.seed, progress,
+                                  generator=run.policy_id(policy))
+        scored, _ = label(config.labeler, samples, labeler, None)
+        for name, (labeler_config, other) in eval_labelers.items():
+            rescored, _ = label(labeler_config, samples, other, None)
+            for record, again in zip(scored, rescored):
+                record.setdefault("eval_rewards", {})[name] = again["reward"]
+        kl = None
+        if key != "sft" and config.eval.kl:
+            kl = kl_along_answers(scored, policy, reference, config.optim.batch_size,
+                                  config.optim.mixed_precision == "bf16", config.trust_remote_code)
         run.write_records(out, scored)
-        return {"policy": policy, "count": len(scored), "reward": mean_reward(scored)}
+        return distributed.on_main(lambda: {"policy": policy, **evaluation_summary(run, key, scored, list(eval_labelers)),
+                                            **({"kl": kl} if kl is not None else {})})
 
     return run.once(key, "eval", out, compute)
 
 
+def evaluation_summary(run: Run, key: int | str, scored: list[dict], names: list[str]) -> dict:
+    """What a held-out evaluation is judged by: the mean reward with its interval, the answers' lengths and,
+    for a round, the paired change and the win rate against the SFT model's answers; the same for each
+    further labeler, under `by`."""
+    sft_path = run.dir / "eval" / "sft_heldout.jsonl"
+    sft = read_records(sft_path) if key != "sft" and sft_path.exists() else None
+    summary = {"count": len(scored), "reward": mean_reward(scored), "reward_ci95": reward_interval(scored),
+               "tokens": sum(r.get("num_tokens") or 0 for r in scored), "length": length_stats(scored)}
+    if sft is not None:
+        summary["change"] = paired_difference(sft, scored)
+        summary["win_rate"] = win_rate(sft, scored)
+    summary["by"] = {}
+    for name in names:
+        of = lambda r, name=name: (r.get("eval_rewards") or {}).get(name)  # noqa: E731
+        rewards = mean_with_interval([v for r in scored if (v := of(r)) is not None])
+        summary["by"][name] = {"reward": rewards["mean"], "reward_ci95": rewards["ci95"]}
+        if sft is not None:
+            summary["by"][name]["change"] = paired_difference(sft, scored, key=of)
+            summary["by"][name]["win_rate"] = win_rate(sft, scored, key=of)
+    return summary
+
+
+def guard_stage(run: Run, r: int) -> dict:
+    """The guard's decision after round r's evaluation (`GuardConfig`), recorded in the manifest once, so a
+    resumed run takes the same path: {action: none | stop | rollback, best: the best round so far ("sft" or
+    a round), reason}."""
+    if entry := run.stage(r, "guard"):
+        return entry
+    guard = run.config.guard
+    evals = {"sft": run.stage("sft", "eval"), **{k: run.stage(k, "eval") for k in range(r + 1)}}
+    sft_words = (evals["sft"].get("length") or {}).get("words")
+    floor = guard.min_length * sft_words if guard.min_length and sft_words else None
+    words = lambda e: (e.get("length") or {}).get("words")  # noqa: E731
+    long_enough = lambda e: floor is None or (words(e) is not None and words(e) >= floor)  # noqa: E731
+    # the best evaluated policy whose answers are long enough, the earliest among equals
+    # (a round that trained nothing left no checkpoint to go back to; its predecessor's evaluation stands for it)
+    trained = lambda k: k == "sft" or "skipped" not in run.stage(k, "train")  # noqa: E731
+    candidates = [k for k, e in evals.items() if e is not None and e.get("reward") is not None and long_enough(e) and trained(k)]
+    best = max(candidates, key=lambda k: evals[k]["reward"], default="sft")
+    now = evals[r]
+    reasons = []
+    if now.get("reward") is not None and best != r and now["reward"] < evals[best]["reward"] - guard.tolerance:
+        reasons.append(f"held-out reward {now['reward']:.3f} is more than {guard.tolerance} below round {best}'s "
+                       f"{evals[best]['reward']:.3f}")
+    if not long_enough(now):
+        reasons.append(f"held-out answers average {words(now):.1f} words, below {guard.min_length} x the SFT "
+                       f"model's {sft_words:.1f}")
+    action = guard.action if reasons else "none"
+    entry = {"action": action, "best": best, "best_reward": evals[best]["reward"] if best in evals else None,
+             "reward": now.get("reward"), "reason": "; ".join(reasons) or None}
+    run.manifest["rounds"][str(r)]["guard"] = entry
+    run.save()
+    if action != "none":
+        run.log({"event": "guard", "round": r, **entry})
+        if run.echo is not None:
+            run.echo(f"guard: round {r}: {entry['reason']}: "
+                     + ("stopping" if action == "stop" else f"going on from {'the SFT model' if best == 'sft' else f'round {best}'}"))
+    return entry
+
+
 def cleanup_checkpoints(run: Run, r: int) -> None:
-    """Delete round checkpoints older than the newest `keep_checkpoints` complete ones (never the SFT)."""
+    """Delete round checkpoints older than the newest `keep_checkpoints` complete ones (never the SFT), but
+    the best round's while a guard is on: a rollback goes back to it, and a stopped run ends with it."""
     complete = distributed.on_main(lambda: [k for k in range(r + 1) if is_checkpoint(run.round_dir(k) / "checkpoint")])
+    best = (run.stage(r, "guard") or {}).get("best") if run.config.guard.action != "none" else None
     for k in complete[: -run.config.keep_checkpoints]:
+        if k == best:
+            continue
         run.manifest["rounds"][str(k)]["train"]["cleaned"] = True  # recorded first: a resume must not retrain
         run.save()
         if distributed.is_main():
@@ -347,6 +485,8 @@ def cleanup_checkpoints(run: Run, r: int) -> None:
 def summarize(run: Run) -> dict:
     rounds = sorted(int(k) for k in run.manifest["rounds"] if k != "sft")
     summary: dict = {"rounds": len(rounds)}
+    if rounds and (guard := run.stage(rounds[-1], "guard")):
+        summary["best_round"] = guard["best"]
     sft_eval = run.dir / "eval" / "sft_heldout.jsonl"
     last = run.round_dir(rounds[-1]) / "heldout.jsonl" if rounds else None
     if sft_eval.exists() and last is not None and last.exists():

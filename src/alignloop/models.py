@@ -85,10 +85,14 @@ def resolve_model_path(name_or_path: str) -> str:
 
 
 def _quiet_transformers() -> None:
-    """Our own bars show progress; transformers' per-load bars would only bury them."""
+    """Our own bars and lines show progress; transformers' per-load bars and its warnings (a generation
+    setting overridden, say) would only bury them. `alignloop --verbose` leaves them on."""
     from transformers.utils import logging
 
+    if os.environ.get("ALIGNLOOP_VERBOSE"):
+        return
     logging.disable_progress_bar()
+    logging.set_verbosity_error()
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False):

@@ -234,6 +234,8 @@ def train_round(feedback: list[dict], *, policy: str, reference: str, out_dir: s
     summary = {
         "examples": len(examples), "steps": len(step_metrics), "global_step": state["global_step"],
         "processes": world, "strategy": how, "liger_kernels": liger,
+        # the tokens trained on (a row's prompt once, then its responses), over the epochs
+        "tokens": optim.epochs * sum(len(e.prompt) + sum(len(x) for x in e.responses) for e in examples),
         "loss": sum(r["loss"] for r in step_metrics) / max(1, len(step_metrics)),
     }
     for key in ("rewards/accuracy", "rewards/margin", "kl"):
