@@ -315,3 +315,26 @@ def test_console_shows_a_line_per_stage_and_nothing_from_the_libraries(tiny_mode
     assert lines[len(expected)].lstrip().startswith("round")  # then the table
     assert "complete" in subprocess.run([sys.executable, "-m", "alignloop", "status", str(tmp_path / "run")],
                                         capture_output=True, text=True).stdout
+
+
+def test_log_to_tensorboard_gets_the_metrics_of_metrics_jsonl(tiny_model, tmp_path):
+    """`log_to: [tensorboard]`: every train step's and every round's numbers, under metrics.jsonl's names, at
+    the optimizer's global step; read back from the event files."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    config = load_config(None, tiny_run_overrides(tmp_path / "run", tiny_model) + ["log_to=[tensorboard]"])
+    run_loop(config, progress=False, echo=lambda line: None)
+    events = EventAccumulator(str(tmp_path / "run/tensorboard"))
+    events.Reload()
+    logged = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    steps = [e for e in logged if e["event"] == "train_step"]
+    loss = events.Scalars("loss")
+    assert [s.step for s in loss] == [e["step"] for e in steps]
+    assert [s.value for s in loss] == pytest.approx([e["loss"] for e in steps], rel=1e-6)
+    assert [s.value for s in events.Scalars("rewards/accuracy")] == pytest.approx([e["rewards/accuracy"] for e in steps], rel=1e-6)
+    rounds = [json.loads((tmp_path / f"run/rounds/r00{r}/metrics.json").read_text()) for r in (0, 1)]
+    heldout = events.Scalars("heldout_reward")
+    assert [h.value for h in heldout] == pytest.approx([r["heldout_reward"] for r in rounds], rel=1e-6)
+    assert [h.step for h in heldout] == [3, 6]  # each round's last optimizer step
+    assert events.Scalars("win_rate/mean")[-1].value == pytest.approx(rounds[1]["win_rate"]["mean"])
+    assert events.Scalars("length/heldout/words")[0].value == pytest.approx(rounds[0]["length"]["heldout"]["words"])

@@ -230,7 +230,8 @@ def _run_rounds(run: Run, sampler: Sampler, progress: bool) -> dict:
         if distributed.is_main() and not (run.round_dir(r) / "metrics.json").exists():
             write_json(run.round_dir(r) / "metrics.json", metrics)
             step = run.manifest["rounds"][str(r)]["train"].get("summary", {}).get("global_step", 0)
-            run.log({"event": "round_done", **metrics}, step=step)
+            # the round's mean loss and accuracy are left out: the steps' own, under the same names, are logged
+            run.log({"event": "round_done", **{k: v for k, v in metrics.items() if k not in ("loss", "accuracy")}}, step=step)
         cleanup_checkpoints(run, r)
         if distributed.is_main():
             write_report_safely(run.dir, echo=run.echo)
