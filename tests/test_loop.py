@@ -338,3 +338,25 @@ def test_log_to_tensorboard_gets_the_metrics_of_metrics_jsonl(tiny_model, tmp_pa
     assert [h.step for h in heldout] == [3, 6]  # each round's last optimizer step
     assert events.Scalars("win_rate/mean")[-1].value == pytest.approx(rounds[1]["win_rate"]["mean"])
     assert events.Scalars("length/heldout/words")[0].value == pytest.approx(rounds[0]["length"]["heldout"]["words"])
+
+
+def test_eval_labelers_rescore_the_heldout_answers(tiny_model, tmp_path):
+    """`eval.labelers`: a second labeler scores every held-out answer too (`eval_rewards` in the records), with
+    its own mean, interval, change and win rate against the SFT answers; the round's numbers are those of the
+    records."""
+    from toy_rewards import distinct_fraction
+
+    config = load_config(None, tiny_run_overrides(tmp_path / "run", tiny_model) + [
+        "total_prompts=6", "eval.labelers={gold: {kind: callable, function: 'toy_rewards:distinct_fraction'}}"])
+    manifest = run_loop(config, progress=False, echo=lambda line: None)
+    heldout = read_records(tmp_path / "run/rounds/r000/heldout.jsonl")
+    sft = read_records(tmp_path / "run/eval/sft_heldout.jsonl")
+    for records in (heldout, sft):
+        assert [r["eval_rewards"]["gold"] for r in records] == [distinct_fraction(r, r["output"]) for r in records]
+    gold = manifest["rounds"]["0"]["eval"]["by"]["gold"]
+    assert gold["reward"] == pytest.approx(sum(r["eval_rewards"]["gold"] for r in heldout) / len(heldout))
+    assert gold["change"]["mean"] == pytest.approx(gold["reward"] - manifest["rounds"]["sft"]["eval"]["by"]["gold"]["reward"])
+    assert 0.0 <= gold["win_rate"]["mean"] <= 1.0 and gold["win_rate"]["n"] == len(heldout)
+    metrics = json.loads((tmp_path / "run/rounds/r000/metrics.json").read_text())
+    assert metrics["heldout_by"]["gold"]["reward"] == gold["reward"]
+    assert metrics["kl"] == manifest["rounds"]["0"]["eval"]["kl"] and metrics["kl"] >= 0

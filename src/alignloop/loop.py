@@ -400,7 +400,7 @@ def eval_stage(run: Run, key: int | str, round_index: int, policy: str, referenc
                 record.setdefault("eval_rewards", {})[name] = again["reward"]
         kl = None
         if key != "sft" and config.eval.kl:
-            kl = kl_along_answers(scored, policy, reference, config.optim.batch_size,
+            kl = kl_along_answers(scored[: config.eval.kl_answers], policy, reference, config.optim.batch_size,
                                   config.optim.mixed_precision == "bf16", config.trust_remote_code)
         run.write_records(out, scored)
         return distributed.on_main(lambda: {"policy": policy, **evaluation_summary(run, key, scored, list(eval_labelers)),
