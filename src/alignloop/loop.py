@@ -36,12 +36,12 @@ from .rewards import make_labeler
 from .rewards.judge import JudgePrefetch
 from .sampling import Sampler
 from .sampling.placement import trainer_on
-from .stages.evaluate import (heldout_samples, kl_along_answers, length_stats, mean_reward, mean_with_interval,
-                               paired_difference, reward_interval, win_rate)
+from .stages.evaluate import heldout_samples, kl_along_answers
 from .stages.feedback import binary_feedback, pairwise_feedback
 from .stages.label import BATCHES_PER_CHUNK, label_in_processes, label_records
 from .stages.sample import sample_records
 from .stages.train import has_training_signal, read_training_records, train_round, training_input
+from .stats import length_stats, mean_reward, mean_with_interval, paired_difference, reward_interval, win_rate
 from .table import round_metrics, stage_line
 
 

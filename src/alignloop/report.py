@@ -38,6 +38,7 @@ from matplotlib.ticker import EngFormatter, MaxNLocator, PercentFormatter
 
 from . import __version__
 from .records import read_records
+from .stats import length_stats, mean_with_interval, paired_difference
 
 STAGES = ("sample", "label", "feedback", "train", "eval")
 TOKEN_STAGES = ("sample", "train", "eval")
@@ -202,14 +203,14 @@ def round_row(r: int, stages: dict, metrics: dict, records: Records, sft_answers
     fill("accuracy", lambda: summary.get("rewards/accuracy"))
     fill("seconds", lambda: {name: stages[name]["seconds"] for name in STAGES
                              if isinstance(stages.get(name), dict) and "seconds" in stages[name]})
-    fill("train_reward_ci95", lambda: label.get("reward_ci95") or (mean_ci(rewards(scored()))[1] if label else None))
-    fill("heldout_reward_ci95", lambda: evaluation.get("reward_ci95") or (mean_ci(rewards(heldout()))[1] if evaluation else None))
-    fill("heldout_change", lambda: evaluation.get("change") or (paired_change(sft_answers, heldout()) if evaluation else None))
+    fill("train_reward_ci95", lambda: label.get("reward_ci95") or (mean_with_interval(rewards(scored()))["ci95"] if label else None))
+    fill("heldout_reward_ci95", lambda: evaluation.get("reward_ci95") or (mean_with_interval(rewards(heldout()))["ci95"] if evaluation else None))
+    fill("heldout_change", lambda: evaluation.get("change") or (paired_difference(sft_answers, heldout()) if evaluation and sft_answers else None))
     fill("win_rate", lambda: evaluation.get("win_rate"))
     fill("kl", lambda: evaluation.get("kl"))
     fill("length", lambda: {
-        "train": sample.get("length") or (length_stats(scored()) if sample else None),
-        "heldout": evaluation.get("length") or (length_stats(heldout()) if evaluation else None)})
+        "train": sample.get("length") or (length_stats(scored()) if sample and scored() else None),
+        "heldout": evaluation.get("length") or (length_stats(heldout()) if evaluation and heldout() else None)})
     fill("pair_margin", lambda: feedback.get("margin") if "margin" in feedback else pair_margin(records, rdir, feedback))
     fill("heldout_by", lambda: evaluation.get("by") or reward_by_labeler(heldout() if evaluation else []))
     fill("tokens", lambda: {
@@ -225,51 +226,15 @@ def round_row(r: int, stages: dict, metrics: dict, records: Records, sft_answers
 def sft_row(entry: dict | None, answers: list[dict]) -> dict:
     """The SFT model's held-out evaluation, as a round's held-out numbers."""
     entry = entry or {}
-    return {"reward": entry.get("reward", mean_ci(rewards(answers))[0]),
-            "reward_ci95": entry.get("reward_ci95") or mean_ci(rewards(answers))[1],
-            "length": entry.get("length") or length_stats(answers),
+    return {"reward": entry.get("reward", mean_with_interval(rewards(answers))["mean"]),
+            "reward_ci95": entry.get("reward_ci95") or mean_with_interval(rewards(answers))["ci95"],
+            "length": entry.get("length") or (length_stats(answers) if answers else None),
             "tokens": entry.get("tokens", token_sum(answers)), "seconds": entry.get("seconds"),
             "by": entry.get("by") or reward_by_labeler(answers), "count": entry.get("count", len(answers))}
 
 
 def rewards(records: list[dict]) -> list[float]:
     return [r["reward"] for r in records if isinstance(r.get("reward"), (int, float))]
-
-
-def t_quantile_975(df: int) -> float:
-    """Student t 97.5% quantile (as the eval stage computes its intervals)."""
-    z = 1.959963984540054
-    return z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
-
-
-def mean_ci(values: list[float]) -> tuple[float | None, list[float] | None]:
-    """The mean and its 95% t interval (None where there are too few values)."""
-    if not values:
-        return None, None
-    mean = statistics.fmean(values)
-    if len(values) < 2:
-        return mean, None
-    half = t_quantile_975(len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
-    return mean, [mean - half, mean + half]
-
-
-def paired_change(before: list[dict], after: list[dict]) -> dict | None:
-    """Held-out reward after minus before, over the prompts scored in both, with its 95% interval."""
-    a = {r["prompt_id"]: r["reward"] for r in before if isinstance(r.get("reward"), (int, float))}
-    diffs = [r["reward"] - a[r["prompt_id"]] for r in after
-             if isinstance(r.get("reward"), (int, float)) and r.get("prompt_id") in a]
-    mean, ci = mean_ci(diffs)
-    return {"n": len(diffs), "mean": mean, "ci95": ci} if diffs else None
-
-
-def length_stats(records: list[dict]) -> dict | None:
-    """LENGTH of answers: mean tokens, mean words, and the share cut at max_new_tokens."""
-    if not records:
-        return None
-    tokens = [r["num_tokens"] for r in records if isinstance(r.get("num_tokens"), int)]
-    return {"tokens": statistics.fmean(tokens) if tokens else None,
-            "words": statistics.fmean(len(str(r.get("output", "")).split()) for r in records),
-            "truncated": sum(r.get("finish_reason") == "length" for r in records) / len(records)}
 
 
 def token_sum(records: list[dict]) -> int | None:
@@ -291,9 +256,9 @@ def reward_by_labeler(answers: list[dict]) -> dict:
     names = sorted({name for a in answers for name in (a.get("eval_rewards") or {})})
     by = {}
     for name in names:
-        mean, ci = mean_ci([a["eval_rewards"][name] for a in answers
-                            if isinstance((a.get("eval_rewards") or {}).get(name), (int, float))])
-        by[name] = {"reward": mean, "reward_ci95": ci}
+        summary = mean_with_interval([a["eval_rewards"][name] for a in answers
+                                      if isinstance((a.get("eval_rewards") or {}).get(name), (int, float))])
+        by[name] = {"reward": summary["mean"], "reward_ci95": summary["ci95"]}
     return by
 
 
