@@ -134,7 +134,8 @@ def two_process_run(loop_config, tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("two") / "run"
     result = run(2, loop_config, run_dir)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.count("held-out reward") == 1  # the main process alone prints the table
+    # the main process alone prints the stage lines and the table
+    assert result.stdout.count("held-out reward, last round minus SFT") == 1 and result.stdout.count("r000 sample ") == 1
     return run_dir
 
 

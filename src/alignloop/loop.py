@@ -451,8 +451,8 @@ def guard_stage(run: Run, r: int) -> dict:
     now = evals[r]
     reasons = []
     if now.get("reward") is not None and best != r and now["reward"] < evals[best]["reward"] - guard.tolerance:
-        reasons.append(f"held-out reward {now['reward']:.3f} is more than {guard.tolerance} below round {best}'s "
-                       f"{evals[best]['reward']:.3f}")
+        reasons.append(f"held-out reward {now['reward']:.3f} is more than {guard.tolerance} below "
+                       f"{'the SFT model' if best == 'sft' else f'round {best}'}'s {evals[best]['reward']:.3f}")
     if not long_enough(now):
         reasons.append(f"held-out answers average {words(now):.1f} words, below {guard.min_length} x the SFT "
                        f"model's {sft_words:.1f}")
