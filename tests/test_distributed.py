@@ -281,7 +281,7 @@ def test_two_nodes_with_the_slurm_scripts_rendezvous(loop_config, one_process_ru
     nodes = [subprocess.Popen(node, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
     outputs = [n.communicate(timeout=600) for n in nodes]
     assert [n.returncode for n in nodes] == [0, 0], [err[-3000:] for _, err in outputs]
-    assert sum(out.count("held-out reward") for out, _ in outputs) == 1  # one main process in the whole job
+    assert sum(out.count("held-out reward, last round minus SFT") for out, _ in outputs) == 1  # one main process in the whole job
     assert record_files(run_dir) == record_files(one_process_run)
 
 

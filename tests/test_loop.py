@@ -360,3 +360,42 @@ def test_eval_labelers_rescore_the_heldout_answers(tiny_model, tmp_path):
     metrics = json.loads((tmp_path / "run/rounds/r000/metrics.json").read_text())
     assert metrics["heldout_by"]["gold"]["reward"] == gold["reward"]
     assert metrics["kl"] == manifest["rounds"]["0"]["eval"]["kl"] and metrics["kl"] >= 0
+
+
+def test_offline_run_samples_every_round_from_the_sft_model(tiny_model, tmp_path):
+    """`online: false`: the same loop, but each round's samples come from the SFT model while training goes
+    on from round to round, so online and offline runs compare on equal budgets."""
+    config = load_config(None, tiny_run_overrides(tmp_path / "run", tiny_model) + ["online=false"])
+    manifest = run_loop(config, progress=False, echo=lambda line: None)
+    rounds = manifest["rounds"]
+    assert rounds["1"]["sample"]["policy"] == tiny_model
+    assert {s["generator"] for s in read_records(tmp_path / "run/rounds/r001/samples.jsonl")} == {tiny_model}
+    assert rounds["1"]["train"]["policy_in"].endswith("rounds/r000/checkpoint")  # training still goes on
+    assert rounds["1"]["eval"]["policy"].endswith("rounds/r001/checkpoint")
+
+
+def test_reference_refreshed_every_round_is_the_previous_rounds_policy(tiny_model, tmp_path):
+    """`reference_refresh: 1` (HALOs' online script): round r's loss takes round r-1's checkpoint as its
+    reference, so before round r's first update the policy/reference log-ratio is zero, as in round 0."""
+    config = load_config(None, tiny_run_overrides(tmp_path / "run", tiny_model) + ["reference_refresh=1", "total_prompts=18"])
+    manifest = run_loop(config, progress=False, echo=lambda line: None)
+    rounds = manifest["rounds"]
+    assert rounds["0"]["train"]["reference"] == tiny_model
+    assert rounds["1"]["train"]["reference"].endswith("rounds/r000/checkpoint")
+    assert rounds["2"]["train"]["reference"].endswith("rounds/r001/checkpoint")
+    steps = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    first = {s["round"]: s for s in reversed(steps) if s["event"] == "train_step"}  # each round's first step
+    for r in (0, 1, 2):  # an untrained policy against itself: no margin, chance accuracy of ties
+        assert first[r]["rewards/margin"] == pytest.approx(0.0, abs=1e-5), r
+    assert manifest["sft"]["reference"] == tiny_model  # the held-out KL still measures from the SFT model
+
+
+def test_reference_refreshed_every_other_round_is_kept_until_replaced(tiny_model, tmp_path):
+    """`reference_refresh: 2`: rounds 0-1 take the SFT model, rounds 2-3 round 1's checkpoint, which stays on
+    disk while it is the reference although keep_checkpoints is 1."""
+    config = load_config(None, tiny_run_overrides(tmp_path / "run", tiny_model) + ["reference_refresh=2", "total_prompts=18"])
+    manifest = run_loop(config, progress=False, echo=lambda line: None)
+    references = [manifest["rounds"][r]["train"]["reference"] for r in ("0", "1", "2")]
+    assert references[:2] == [tiny_model, tiny_model] and references[2].endswith("rounds/r001/checkpoint")
+    assert (tmp_path / "run/rounds/r001/checkpoint/model.safetensors").exists()
+    assert not (tmp_path / "run/rounds/r000/checkpoint").exists()

@@ -364,6 +364,12 @@ class Config(Strict):
     prompts_per_round: int = Field(default=48, gt=0)
     total_prompts: int = Field(default=144, gt=0)
     samples_per_prompt: int = Field(default=4, gt=0)
+    # false: every round samples from the SFT model instead of the current policy (the same prompts, pairs
+    # and steps otherwise): offline iterative training, the baseline an online run is measured against
+    online: bool = True
+    # null: the loss's reference is the SFT model (or `reference`) throughout; k: every k rounds it becomes the
+    # policy of that moment (1: the previous round's, as HALOs' online script does; SPIN-style for k > 1)
+    reference_refresh: int | None = Field(default=None, gt=0)
     sampler: SamplerConfig = Field(default_factory=lambda: _default_section("sampler"))  # vllm where installed
     labeler: LabelerConfig = CallableLabelerConfig()
     feedback: FeedbackConfig = FeedbackConfig()

@@ -205,18 +205,22 @@ def _run_rounds(run: Run, sampler: Sampler, progress: bool) -> dict:
     if heldout:
         evaluate("sft", -1, policy0, "held-out (SFT)")
     policy, resume = policy0, None
+    train_reference = reference  # the loss's reference: the SFT model's, unless refreshed (`reference_refresh`)
     stopped = False
     for r, start in enumerate(range(0, len(prompts), config.prompts_per_round)):
         seed = config.seed * 1000 + r
+        if config.reference_refresh and r > 0 and r % config.reference_refresh == 0:
+            train_reference = policy
         round_prompts = prompts[start : start + config.prompts_per_round]
-        sampled = sample_stage(run, r, round_prompts, start, policy, seed, sampler, show(f"sample r{r:03d}"), labeler)
+        sampler_policy = policy if config.online else policy0  # offline: always the SFT model's samples
+        sampled = sample_stage(run, r, round_prompts, start, sampler_policy, seed, sampler, show(f"sample r{r:03d}"), labeler)
         if sampled["count"] == 0:
             if run.echo is not None:
                 run.echo(f"round {r}: no samples; stopping")
             break
         label_stage(run, r, labeler, show(f"label r{r:03d}"))
         feedback_stage(run, r, seed)
-        trained = train_stage(run, r, policy, reference, resume, sampler, progress)
+        trained = train_stage(run, r, policy, train_reference, resume, sampler, progress)
         if "skipped" not in trained:
             policy, resume = str(run.round_dir(r) / "checkpoint"), run.round_dir(r) / "checkpoint"
         if heldout:
@@ -232,7 +236,7 @@ def _run_rounds(run: Run, sampler: Sampler, progress: bool) -> dict:
             step = run.manifest["rounds"][str(r)]["train"].get("summary", {}).get("global_step", 0)
             # the round's mean loss and accuracy are left out: the steps' own, under the same names, are logged
             run.log({"event": "round_done", **{k: v for k, v in metrics.items() if k not in ("loss", "accuracy")}}, step=step)
-        cleanup_checkpoints(run, r)
+        cleanup_checkpoints(run, r, keep=train_reference)
         if distributed.is_main():
             write_report_safely(run.dir, echo=run.echo)
         if stopped:
@@ -376,7 +380,8 @@ def train_stage(run: Run, r: int, policy: str, reference: str, resume: Path | No
             trust_remote_code=config.trust_remote_code, progress=progress,
             log=lambda row: run.log({"event": "train_step", **row}, step=row["step"]),
         )
-        return {"input_sha256": file_sha256(train_input), "policy_in": policy, "resumed_from": str(resume) if resume else None,
+        return {"input_sha256": file_sha256(train_input), "policy_in": policy, "reference": reference,
+                "resumed_from": str(resume) if resume else None,
                 "policy_out": str(checkpoint), "weights_sha256": weights_sha256(str(checkpoint)), "summary": summary}
 
     return run.once(r, "train", checkpoint, compute)
@@ -469,13 +474,14 @@ def guard_stage(run: Run, r: int) -> dict:
     return entry
 
 
-def cleanup_checkpoints(run: Run, r: int) -> None:
+def cleanup_checkpoints(run: Run, r: int, keep: str | None = None) -> None:
     """Delete round checkpoints older than the newest `keep_checkpoints` complete ones (never the SFT), but
-    the best round's while a guard is on: a rollback goes back to it, and a stopped run ends with it."""
+    the best round's while a guard is on (a rollback goes back to it, and a stopped run ends with it), and
+    `keep`, the loss's reference while a refreshed one is a round's checkpoint."""
     complete = distributed.on_main(lambda: [k for k in range(r + 1) if is_checkpoint(run.round_dir(k) / "checkpoint")])
     best = (run.stage(r, "guard") or {}).get("best") if run.config.guard.action != "none" else None
     for k in complete[: -run.config.keep_checkpoints]:
-        if k == best:
+        if k == best or (keep and Path(keep) == run.round_dir(k) / "checkpoint"):
             continue
         run.manifest["rounds"][str(k)]["train"]["cleaned"] = True  # recorded first: a resume must not retrain
         run.save()
