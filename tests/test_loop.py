@@ -340,14 +340,15 @@ def test_log_to_tensorboard_gets_the_metrics_of_metrics_jsonl(tiny_model, tmp_pa
     assert events.Scalars("length/heldout/words")[0].value == pytest.approx(rounds[0]["length"]["heldout"]["words"])
 
 
-def test_eval_labelers_rescore_the_heldout_answers(tiny_model, tmp_path):
+def test_eval_labelers_max_new_tokens_and_ifeval_accuracy(tiny_model, tmp_path):
     """`eval.labelers`: a second labeler scores every held-out answer too (`eval_rewards` in the records), with
     its own mean, interval, change and win rate against the SFT answers; the round's numbers are those of the
-    records."""
+    records. `eval.max_new_tokens` caps the held-out answers alone, and IFEval's checks are recorded."""
     from toy_rewards import distinct_fraction
 
     config = load_config(None, tiny_run_overrides(tmp_path / "run", tiny_model) + [
-        "total_prompts=6", "eval.labelers={gold: {kind: callable, function: 'toy_rewards:distinct_fraction'}}"])
+        "total_prompts=6", "eval.labelers={gold: {kind: callable, function: 'toy_rewards:distinct_fraction'}}",
+        "eval.max_new_tokens=5"])
     manifest = run_loop(config, progress=False, echo=lambda line: None)
     heldout = read_records(tmp_path / "run/rounds/r000/heldout.jsonl")
     sft = read_records(tmp_path / "run/eval/sft_heldout.jsonl")
@@ -360,6 +361,15 @@ def test_eval_labelers_rescore_the_heldout_answers(tiny_model, tmp_path):
     metrics = json.loads((tmp_path / "run/rounds/r000/metrics.json").read_text())
     assert metrics["heldout_by"]["gold"]["reward"] == gold["reward"]
     assert metrics["kl"] == manifest["rounds"]["0"]["eval"]["kl"] and metrics["kl"] >= 0
+    # eval.max_new_tokens caps the held-out answers, not the training samples (sampler.max_new_tokens: 12)
+    assert max(r["num_tokens"] for r in heldout + sft) == 5
+    assert max(r["num_tokens"] for r in read_records(tmp_path / "run/rounds/r000/samples.jsonl")) == 12
+    # IFEval's strict checks on the built-in prompts' instructions, whatever the run's labeler
+    assert all(len(r["instructions_followed"]) == len(r["instruction_id_list"]) for r in heldout)
+    ifeval = manifest["rounds"]["0"]["eval"]["ifeval"]
+    assert ifeval["instruction"]["n"] == len(heldout)
+    assert ifeval["instruction"]["mean"] == sum(sum(r["instructions_followed"]) for r in heldout) / sum(len(r["instruction_id_list"]) for r in heldout)
+    assert metrics["heldout_ifeval_change"] == manifest["rounds"]["0"]["eval"]["ifeval_change"]
 
 
 def test_offline_run_samples_every_round_from_the_sft_model(tiny_model, tmp_path):

@@ -4,7 +4,8 @@ import math
 
 import pytest
 
-from alignloop.stats import length_stats, mean_with_interval, paired_difference, win_rate
+from alignloop.stats import (instruction_accuracy, instruction_accuracy_change, length_stats, mean_with_interval,
+                             paired_difference, win_rate)
 
 
 def records(rewards: dict) -> list[dict]:
@@ -50,3 +51,25 @@ def test_length_stats():
     stats = length_stats(rows)
     assert stats == {"tokens": 4.0, "words": (3 + 6 + 0 + 1) / 4, "truncated": 0.25}
     assert length_stats([]) == {"tokens": None, "words": None, "truncated": None}
+
+
+def test_instruction_accuracy_by_hand():
+    rows = [{"prompt_id": "a", "instructions_followed": [True, False]},
+            {"prompt_id": "b", "instructions_followed": [True, True, True]},
+            {"prompt_id": "c", "instructions_followed": [False]},
+            {"prompt_id": "d"}]  # no IFEval instructions: not counted
+    accuracy = instruction_accuracy(rows)
+    assert accuracy["instruction"]["mean"] == pytest.approx(4 / 6) and accuracy["instruction"]["n"] == 3
+    assert accuracy["prompt"]["mean"] == pytest.approx(1 / 3)
+    # the ratio estimator's interval: residuals a - R b = 1 - 4/3, 3 - 2, 0 - 2/3; var = n/(n-1) sum e^2 / (sum b)^2
+    residuals = [1 - 4 / 3, 3 - 2, 0 - 2 / 3]
+    half = 4.303 * math.sqrt(3 / 2 * sum(e * e for e in residuals)) / 6
+    assert accuracy["instruction"]["ci95"][1] - 4 / 6 == pytest.approx(half, rel=2e-4)
+    assert instruction_accuracy([{"prompt_id": "d"}]) is None
+
+    after = [{"prompt_id": "a", "instructions_followed": [True, True]},
+             {"prompt_id": "b", "instructions_followed": [True, False, True]},
+             {"prompt_id": "c", "instructions_followed": [True]}]
+    change = instruction_accuracy_change(rows, after)
+    assert change["instruction"]["mean"] == pytest.approx((1 - 1 + 1) / 6)  # followed counts +1, -1, +1 over 6
+    assert change["prompt"]["mean"] == pytest.approx((1 - 1 + 1) / 3)

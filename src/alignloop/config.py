@@ -336,6 +336,7 @@ class EvalConfig(Strict):
     # More labelers that score the held-out answers too, by name, e.g. {gold: {kind: judge, ...}}: a reward
     # model's or judge's proxy reward can rise while a second opinion falls (reward hacking)
     labelers: dict[str, LabelerConfig] = {}
+    max_new_tokens: int | None = Field(default=None, gt=0)  # the held-out answers' cap; null: the sampler's
     kl: bool = True  # per round, KL(policy || reference) along the held-out answers (two forward passes)
     # how many held-out answers (the first ones) the KL is measured on; null: all. A drift gauge needs few,
     # and each costs a forward pass of both models (on a 2-core CPU, 100 answers of SmolLM2-135M: ~23 s)

@@ -36,12 +36,13 @@ from .rewards import make_labeler
 from .rewards.judge import JudgePrefetch
 from .sampling import Sampler
 from .sampling.placement import trainer_on
-from .stages.evaluate import heldout_samples, kl_along_answers
+from .stages.evaluate import check_instructions, heldout_samples, kl_along_answers
 from .stages.feedback import binary_feedback, pairwise_feedback
 from .stages.label import BATCHES_PER_CHUNK, label_in_processes, label_records
 from .stages.sample import sample_records
 from .stages.train import has_training_signal, read_training_records, train_round, training_input
-from .stats import length_stats, mean_reward, mean_with_interval, paired_difference, reward_interval, win_rate
+from .stats import (instruction_accuracy, instruction_accuracy_change, length_stats, mean_reward, mean_with_interval,
+                    paired_difference, reward_interval, win_rate)
 from .table import round_metrics, stage_line
 
 
@@ -397,8 +398,9 @@ def eval_stage(run: Run, key: int | str, round_index: int, policy: str, referenc
 
     def compute() -> dict:
         samples = heldout_samples(policy, heldout, sampler, round_index, config.seed, progress,
-                                  generator=run.policy_id(policy))
+                                  generator=run.policy_id(policy), max_new_tokens=config.eval.max_new_tokens)
         scored, _ = label(config.labeler, samples, labeler, None)
+        check_instructions(scored)
         for name, (labeler_config, other) in eval_labelers.items():
             rescored, _ = label(labeler_config, samples, other, None)
             for record, again in zip(scored, rescored):
@@ -422,9 +424,13 @@ def evaluation_summary(run: Run, key: int | str, scored: list[dict], names: list
     sft = read_records(sft_path) if key != "sft" and sft_path.exists() else None
     summary = {"count": len(scored), "reward": mean_reward(scored), "reward_ci95": reward_interval(scored),
                "tokens": sum(r.get("num_tokens") or 0 for r in scored), "length": length_stats(scored)}
+    if (accuracy := instruction_accuracy(scored)) is not None:  # IFEval's strict accuracies, where prompts have them
+        summary["ifeval"] = accuracy
     if sft is not None:
         summary["change"] = paired_difference(sft, scored)
         summary["win_rate"] = win_rate(sft, scored)
+        if (change := instruction_accuracy_change(sft, scored)) is not None:
+            summary["ifeval_change"] = change
     summary["by"] = {}
     for name in names:
         of = lambda r, name=name: (r.get("eval_rewards") or {}).get(name)  # noqa: E731

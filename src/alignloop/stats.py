@@ -31,7 +31,7 @@ def _t_central_probability(t: float, df: int) -> float:
     return 2 / math.pi * (theta + (s * math.cos(theta) * total if df > 1 else 0.0))
 
 
-def _t_quantile_975(df: int) -> float:
+def t_quantile_975(df: int) -> float:
     """Student t's 97.5% quantile, the half-width factor of a 95% interval, by bisection on the exact CDF."""
     low, high = 0.0, 1000.0
     for _ in range(80):
@@ -46,7 +46,7 @@ def mean_with_interval(values: list[float]) -> dict:
     if n < 2:
         return {"n": n, "mean": values[0] if values else None, "ci95": None}
     mean = statistics.fmean(values)
-    half = _t_quantile_975(n - 1) * statistics.stdev(values) / math.sqrt(n)
+    half = t_quantile_975(n - 1) * statistics.stdev(values) / math.sqrt(n)
     return {"n": n, "mean": mean, "ci95": [mean - half, mean + half]}
 
 
@@ -82,3 +82,38 @@ def length_stats(records: list[dict]) -> dict:
     return {"tokens": statistics.fmean(tokens) if tokens else None,
             "words": statistics.fmean(len(r["output"].split()) for r in records),
             "truncated": sum(r.get("finish_reason") == "length" for r in records) / len(records)}
+
+
+def ratio_with_interval(numerators: list[float], denominators: list[float]) -> dict:
+    """{n, mean, ci95}: sum(numerators) / sum(denominators), each pair one prompt's, with a 95% t interval by
+    the ratio estimator's variance (the prompts are the sampled units, not the instructions inside them)."""
+    n, total = len(numerators), sum(denominators)
+    if n == 0 or total == 0:
+        return {"n": n, "mean": None, "ci95": None}
+    ratio = sum(numerators) / total
+    if n < 2:
+        return {"n": n, "mean": ratio, "ci95": None}
+    residuals = [a - ratio * b for a, b in zip(numerators, denominators)]
+    half = t_quantile_975(n - 1) * math.sqrt(n / (n - 1) * sum(e * e for e in residuals)) / total
+    return {"n": n, "mean": ratio, "ci95": [ratio - half, ratio + half]}
+
+
+def instruction_accuracy(records: list[dict]) -> dict | None:
+    """IFEval's strict accuracies over records with `instructions_followed` (a bool per instruction):
+    instruction-level (instructions followed / instructions) and prompt-level (share of prompts that
+    follow all of theirs), each with its 95% interval; None when no record has them."""
+    rows = [r["instructions_followed"] for r in records if r.get("instructions_followed")]
+    if not rows:
+        return None
+    return {"instruction": ratio_with_interval([sum(f) for f in rows], [len(f) for f in rows]),
+            "prompt": mean_with_interval([float(all(f)) for f in rows])}
+
+
+def instruction_accuracy_change(before: list[dict], after: list[dict]) -> dict | None:
+    """The paired change of both IFEval accuracies, after minus before, over the prompts checked in both."""
+    key = lambda r: r.get("instructions_followed") or None  # noqa: E731
+    pairs = _paired(before, after, key)
+    if not pairs:
+        return None
+    return {"instruction": ratio_with_interval([sum(b) - sum(a) for a, b in pairs], [len(a) for a, _ in pairs]),
+            "prompt": mean_with_interval([float(all(b)) - float(all(a)) for a, b in pairs])}

@@ -32,6 +32,7 @@ def round_metrics(rounds: dict, r: int) -> dict:
         "length": {"train": sample.get("length"), "heldout": evaluation.get("length")},
         "pair_margin": feedback.get("margin"), "heldout_by": evaluation.get("by") or {},
         "tokens": {"sample": sample.get("tokens"), "train": summary.get("tokens"), "eval": evaluation.get("tokens")},
+        "heldout_ifeval": evaluation.get("ifeval"), "heldout_ifeval_change": evaluation.get("ifeval_change"),
         "guard": stages.get("guard"),
     }
 
@@ -52,6 +53,8 @@ def stage_line(r: int | str, stage: str, entry: dict) -> str:
         change = entry.get("change") or {}
         what = f"held-out reward {_number(entry.get('reward'))}" + (
             f" ({change['mean']:+.3f} vs SFT, win rate {entry['win_rate']['mean']:.2f})" if change.get("mean") is not None else "")
+        if (accuracy := (entry.get("ifeval") or {}).get("instruction", {})).get("mean") is not None:
+            what += f"; IFEval instruction accuracy {accuracy['mean']:.3f}"
     return f"{where} {stage:<8} {what}  ({entry.get('seconds', 0.0):.1f} s)"
 
 

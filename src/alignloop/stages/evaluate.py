@@ -15,10 +15,26 @@ from .sample import sample_records
 
 
 def heldout_samples(policy: str, prompts: list[dict], sampler: Sampler, round_index: int, seed: int,
-                    progress: str | None = "held-out", generator: str | None = None) -> list[dict]:
-    """One greedy answer per held-out prompt, from the run's sampler (the loop scores them with its labeler)."""
+                    progress: str | None = "held-out", generator: str | None = None,
+                    max_new_tokens: int | None = None) -> list[dict]:
+    """One greedy answer per held-out prompt, from the run's sampler (the loop scores them with its labeler),
+    of at most `max_new_tokens` (None: the sampler's cap)."""
     return sample_records(prompts, policy, sampler, n=1, round_index=round_index, seed=seed, generator=generator,
-                          progress=progress, greedy=True)
+                          progress=progress, greedy=True, max_new_tokens=max_new_tokens)
+
+
+def check_instructions(records: list[dict]) -> None:
+    """Add IFEval's strict per-instruction checks (`instructions_followed`) to the records whose prompt has
+    IFEval instructions (`instruction_id_list`), whatever the run's labeler: the accuracies users report
+    (`stats.instruction_accuracy`). A prompt whose instructions the checkers cannot build is left without."""
+    from ..rewards.ifeval import instructions_followed
+
+    for record in records:
+        if record.get("instruction_id_list"):
+            try:
+                record["instructions_followed"] = instructions_followed(record, record["output"])
+            except ValueError:
+                pass
 
 
 def kl_along_answers(records: list[dict], policy: str, reference: str, batch_size: int, bf16_autocast: bool,
