@@ -20,7 +20,7 @@ from alignloop.records import read_records
 from conftest import require, tiny_run_overrides
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-PLOT_IDS = ("reward", "win_rate", "length", "kl", "pairs", "train_steps", "stages", "heldout_by")
+PLOT_IDS = ("reward", "win_rate", "ifeval", "length", "kl", "pairs", "train_steps", "stages", "heldout_by")
 # The fields the report plots that a run directory from before them lacks (the old schema): win rate and KL
 # cannot be computed from the records, everything else can.
 NEW_EVAL_FIELDS = ("reward_ci95", "tokens", "length", "kl", "win_rate", "change", "by")

@@ -53,5 +53,5 @@ def test_embedded_default_aligns(tmp_path):
     assert lines[0].startswith("SFT eval") and [line[:4] for line in lines[1:16]] == [f"r00{r}" for r in range(3) for _ in range(5)]
     # the report, redrawn after every round: every plot of the default run (the browser test is test_report's)
     page = (run_dir / "report/index.html").read_text()
-    for plot in ("reward", "win_rate", "length", "kl", "pairs", "train_steps", "stages"):
+    for plot in ("reward", "win_rate", "ifeval", "length", "kl", "pairs", "train_steps", "stages"):
         assert f'id="{plot}"' in page and (run_dir / f"report/{plot}.png").stat().st_size > 10_000, plot

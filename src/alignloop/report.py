@@ -38,7 +38,7 @@ from matplotlib.ticker import EngFormatter, MaxNLocator, PercentFormatter
 
 from . import __version__
 from .records import read_records
-from .stats import length_stats, mean_with_interval, paired_difference
+from .stats import instruction_accuracy, length_stats, mean_with_interval, paired_difference
 
 STAGES = ("sample", "label", "feedback", "train", "eval")
 TOKEN_STAGES = ("sample", "train", "eval")
@@ -208,6 +208,7 @@ def round_row(r: int, stages: dict, metrics: dict, records: Records, sft_answers
     fill("heldout_change", lambda: evaluation.get("change") or (paired_difference(sft_answers, heldout()) if evaluation and sft_answers else None))
     fill("win_rate", lambda: evaluation.get("win_rate"))
     fill("kl", lambda: evaluation.get("kl"))
+    fill("heldout_ifeval", lambda: evaluation.get("ifeval") or instruction_accuracy(heldout() if evaluation else []))
     fill("length", lambda: {
         "train": sample.get("length") or (length_stats(scored()) if sample and scored() else None),
         "heldout": evaluation.get("length") or (length_stats(heldout()) if evaluation and heldout() else None)})
@@ -230,7 +231,8 @@ def sft_row(entry: dict | None, answers: list[dict]) -> dict:
             "reward_ci95": entry.get("reward_ci95") or mean_with_interval(rewards(answers))["ci95"],
             "length": entry.get("length") or (length_stats(answers) if answers else None),
             "tokens": entry.get("tokens", token_sum(answers)), "seconds": entry.get("seconds"),
-            "by": entry.get("by") or reward_by_labeler(answers), "count": entry.get("count", len(answers))}
+            "by": entry.get("by") or reward_by_labeler(answers), "count": entry.get("count", len(answers)),
+            "ifeval": entry.get("ifeval") or instruction_accuracy(answers)}
 
 
 def rewards(records: list[dict]) -> list[float]:
@@ -414,7 +416,8 @@ def plot_length(run: RunData) -> Plot:
 
 def plot_kl(run: RunData) -> Plot:
     plot = Plot("kl", "KL to the reference",
-                "Estimated KL divergence of the round's policy from the reference (the SFT model) on the held-out answers.")
+                "KL of the round's policy from the reference (the SFT model) along its held-out answers: per answer, the "
+                "sum over its tokens of the KL between the two next-token distributions (on the first eval.kl_answers answers).")
     xs, kls = series(run.rounds, lambda row: row["kl"])
     if not xs:
         plot.missing = "no held-out KL recorded (the manifest's eval \"kl\", written by newer versions)"
@@ -589,8 +592,41 @@ def plot_heldout_by(run: RunData) -> Plot | None:
     return plot
 
 
+def plot_ifeval(run: RunData) -> Plot | None:
+    """None (no plot, no note) when the held-out prompts carry no IFEval instructions."""
+    plot = Plot("ifeval", "IFEval accuracy",
+                "IFEval's strict checks on the held-out answers, whatever the run's labeler: instruction-level "
+                "accuracy (instructions followed / all) and prompt-level accuracy (prompts whose every instruction "
+                "is followed), with 95% intervals over prompts; the SFT model's at round \"SFT\" and dashed.")
+    levels = [("instruction", HELDOUT, "instruction-level"), ("prompt", TRAIN, "prompt-level")]
+    sft = (run.sft or {}).get("ifeval") or {}
+    drawn = [(level, color, label, *series(run.rounds, lambda row, level=level: row["heldout_ifeval"][level]
+                                           if row["heldout_ifeval"][level]["mean"] is not None else None))
+             for level, color, label in levels]
+    if not any(xs for _, _, _, xs, _ in drawn) and not sft:
+        return None
+    fig, (ax,) = new_figure()
+    for level, color, label, xs, points in drawn:
+        at_sft = sft.get(level) or {}
+        if at_sft.get("mean") is not None:
+            ax.axhline(at_sft["mean"], color=color, linestyle="--", linewidth=1, alpha=0.7)
+            xs, points = [-1] + xs, [at_sft] + points
+        if xs:
+            with_interval(ax, xs, [p["mean"] for p in points], [p.get("ci95") for p in points], color, label)
+    round_axis(ax, [row["round"] for row in run.rounds], sft=bool(sft))
+    mark_guards(ax, run)
+    ax.set_ylim(-0.03, 1.03)
+    ax.yaxis.set_major_formatter(PercentFormatter(1.0))
+    ax.set_ylabel("accuracy")
+    ax.set_title("Held-out IFEval accuracy (strict)")
+    ax.legend(loc="best")
+    plot.figure = fig
+    return plot
+
+
 PLOTS: tuple[Callable[[RunData], Plot | None], ...] = (
-    plot_reward, plot_win_rate, plot_length, plot_kl, plot_pairs, plot_train_steps, plot_stages, plot_heldout_by)
+    plot_reward, plot_win_rate, plot_ifeval, plot_length, plot_kl, plot_pairs, plot_train_steps, plot_stages,
+    plot_heldout_by)
 
 
 def draw_plots(run: RunData) -> list[Plot]:
