@@ -42,7 +42,7 @@ from .stages.label import BATCHES_PER_CHUNK, label_in_processes, label_records
 from .stages.sample import sample_records
 from .stages.train import has_training_signal, read_training_records, train_round, training_input
 from .stats import (instruction_accuracy, instruction_accuracy_change, length_stats, mean_reward, mean_with_interval,
-                    paired_difference, reward_interval, win_rate)
+                    pair_margin, paired_difference, reward_interval, win_rate)
 from .table import round_metrics, stage_line
 
 
@@ -231,14 +231,15 @@ def _run_rounds(run: Run, sampler: Sampler, progress: bool) -> dict:
                 policy, resume = (policy0, None) if guard["best"] == "sft" else (
                     str(run.round_dir(guard["best"]) / "checkpoint"), run.round_dir(guard["best"]) / "checkpoint")
             stopped = guard["action"] == "stop"
-        metrics = round_metrics(run.manifest["rounds"], r)
-        if distributed.is_main() and not (run.round_dir(r) / "metrics.json").exists():
+        finished_now = distributed.is_main() and not (run.round_dir(r) / "metrics.json").exists()
+        if finished_now:  # (a resumed run walks past its finished rounds: nothing to write or redraw for them)
+            metrics = round_metrics(run.manifest["rounds"], r)
             write_json(run.round_dir(r) / "metrics.json", metrics)
             step = run.manifest["rounds"][str(r)]["train"].get("summary", {}).get("global_step", 0)
             # the round's mean loss and accuracy are left out: the steps' own, under the same names, are logged
             run.log({"event": "round_done", **{k: v for k, v in metrics.items() if k not in ("loss", "accuracy")}}, step=step)
         cleanup_checkpoints(run, r, keep=train_reference)
-        if distributed.is_main():
+        if finished_now:
             write_report_safely(run.dir, echo=run.echo)
         if stopped:
             break
@@ -353,9 +354,8 @@ def feedback_stage(run: Run, r: int, seed: int) -> dict:
         else:
             feedback = binary_feedback(records, fb.threshold)
         write_records(out, feedback)
-        margins = [abs(f["reward_difference"]) for f in feedback if f.get("reward_difference") is not None]
         return {"input_sha256": file_sha256(scored), "type": fb.type, "mode": fb.mode, "threshold": fb.threshold,
-                "count": len(feedback), "margin": sum(margins) / len(margins) if margins else None, "seed": seed}
+                "count": len(feedback), "margin": pair_margin(feedback), "seed": seed}
 
     return run.once(r, "feedback", out, lambda: distributed.on_main(compute))
 

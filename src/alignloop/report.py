@@ -23,7 +23,6 @@ import itertools
 import json
 import math
 import shutil
-import statistics
 import sys
 import time
 from dataclasses import dataclass, field
@@ -38,7 +37,7 @@ from matplotlib.ticker import EngFormatter, MaxNLocator, PercentFormatter
 
 from . import __version__
 from .records import read_records
-from .stats import instruction_accuracy, length_stats, mean_with_interval, paired_difference
+from .stats import instruction_accuracy, length_stats, mean_with_interval, pair_margin, paired_difference
 
 STAGES = ("sample", "label", "feedback", "train", "eval")
 TOKEN_STAGES = ("sample", "train", "eval")
@@ -212,7 +211,8 @@ def round_row(r: int, stages: dict, metrics: dict, records: Records, sft_answers
     fill("length", lambda: {
         "train": sample.get("length") or (length_stats(scored()) if sample and scored() else None),
         "heldout": evaluation.get("length") or (length_stats(heldout()) if evaluation and heldout() else None)})
-    fill("pair_margin", lambda: feedback.get("margin") if "margin" in feedback else pair_margin(records, rdir, feedback))
+    fill("pair_margin", lambda: feedback.get("margin") if "margin" in feedback else
+         pair_margin(records(f"{rdir}/feedback.jsonl")) if feedback.get("type") == "pairwise" else None)
     fill("heldout_by", lambda: evaluation.get("by") or reward_by_labeler(heldout() if evaluation else []))
     fill("tokens", lambda: {
         "sample": sample["tokens"] if "tokens" in sample else token_sum(scored()) if sample else None,
@@ -242,15 +242,6 @@ def rewards(records: list[dict]) -> list[float]:
 def token_sum(records: list[dict]) -> int | None:
     tokens = [r["num_tokens"] for r in records if isinstance(r.get("num_tokens"), int)]
     return sum(tokens) if tokens else None
-
-
-def pair_margin(records: Records, rdir: str, feedback: dict) -> float | None:
-    """Mean |reward difference| of the round's pairs (pairwise feedback only)."""
-    if feedback.get("type") != "pairwise":
-        return None
-    gaps = [abs(p["reward_difference"]) for p in records(f"{rdir}/feedback.jsonl")
-            if isinstance(p.get("reward_difference"), (int, float))]
-    return statistics.fmean(gaps) if gaps else None
 
 
 def reward_by_labeler(answers: list[dict]) -> dict:

@@ -73,6 +73,12 @@ def win_rate(before: list[dict], after: list[dict], key=lambda r: r.get("reward"
     return mean_with_interval([1.0 if b > a else 0.5 if b == a else 0.0 for a, b in _paired(before, after, key)])
 
 
+def pair_margin(feedback: list[dict]) -> float | None:
+    """The mean |reward difference| of the pairs among feedback records (None without pairs)."""
+    gaps = [abs(f["reward_difference"]) for f in feedback if isinstance(f.get("reward_difference"), (int, float))]
+    return statistics.fmean(gaps) if gaps else None
+
+
 def length_stats(records: list[dict]) -> dict:
     """Mean answer length in tokens (as the sampler counted them) and in words, and the share of answers cut
     at the sampler's `max_new_tokens`."""
