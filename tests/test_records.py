@@ -14,6 +14,16 @@ def test_jsonl_error_names_file_and_line(tmp_path):
         read_records(path)
 
 
+def test_outputs_with_unicode_line_separators_round_trip(tmp_path):
+    """JSON leaves U+2028, U+2029 and U+0085 unescaped, and str.splitlines() splits on them: a sampled output
+    holding one must still read back as one record on its line (it once broke a default run's round)."""
+    records = [{"prompt_id": "a", "output": "one\u2028two\u2029three\x85four\x1cfive"}, {"prompt_id": "b", "output": "x"}]
+    path = tmp_path / "samples.jsonl"
+    write_records(path, records)
+    assert "\u2028" in path.read_text(encoding="utf-8")  # written raw, so the test tests the reader
+    assert read_records(path) == records
+
+
 def test_prompts_missing_field_and_bad_turns(tmp_path):
     path = tmp_path / "p.jsonl"
     path.write_text('{"prompt": "hi"}\n{"question": "no prompt"}\n')

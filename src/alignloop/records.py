@@ -47,7 +47,9 @@ def read_located(path: str | Path) -> list[tuple[dict, str, int | None]]:
                 raise RecordError(f"{path}: item {i}: expected a JSON object, got {type(record).__name__}")
         return [(r, f"{path}: item {i}", None) for i, r in enumerate(records)]
     located = []
-    for lineno, line in enumerate(text.splitlines(), start=1):
+    # split on "\n" alone: str.splitlines() also splits on U+2028, U+0085 and the like, which a model's output
+    # can hold and which JSON writes unescaped (a vLLM sample with U+2028 once broke a round's samples file)
+    for lineno, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:

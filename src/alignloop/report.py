@@ -163,7 +163,8 @@ def read_events(path: Path) -> tuple[list[dict], float | None]:
     last = None
     if not path.is_file():
         return [], None
-    for n, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines()):
+    text = path.read_text(encoding="utf-8", errors="replace")
+    for n, line in enumerate(text.split("\n")):  # not splitlines(): see records.read_located
         try:
             event = json.loads(line)
         except ValueError:
