@@ -28,6 +28,7 @@ from alignloop.losses import (
     LOSSES,
     bradley_terry_loss,
     dpo_loss,
+    dpo_norm_loss,
     group_advantages,
     grpo_loss,
     ipo_loss,
@@ -90,6 +91,14 @@ def test_cdpo_hand_computed():
     losses, _, _ = dpo_loss(pc, pr, rc, rr, beta=0.1, label_smoothing=eps)
     expected = [(1 - eps) * nls(z) + eps * nls(-z) for z in (0.2, -0.2)]
     close(losses, expected)
+
+
+def test_dpo_norm_hand_computed():
+    # per-token averages: chosen log-ratio -1.0 - -1.2 = 0.2, rejected -2.0 - -1.5 = -0.5, h = 0.7; beta 5 -> 3.5
+    losses, cr, rj = dpo_norm_loss(t(-1.0), t(-2.0), t(-1.2), t(-1.5))
+    close(losses, [math.log1p(math.exp(-3.5))])
+    close(cr, [1.0])
+    close(rj, [-2.5])
 
 
 def test_dpo_gradients_flow_to_policy_only():
@@ -317,7 +326,7 @@ def test_bradley_terry_hand_computed():
 
 
 def test_registry_metadata_matches_functions():
-    assert set(LOSSES) == {"dpo", "ipo", "simpo", "slic", "orpo", "kto", "grpo", "sft", "bradley_terry"}
+    assert set(LOSSES) == {"dpo", "dpo_norm", "ipo", "simpo", "slic", "orpo", "kto", "grpo", "sft", "bradley_terry"}
     for name, spec in LOSSES.items():
         assert spec.feedback in {"pairwise", "binary", "scored_groups", "any"}, name
         assert spec.logps in {"sum", "average", "token", "none"}, name
@@ -330,7 +339,7 @@ def test_registry_metadata_matches_functions():
     assert LOSSES["kto"].feedback == "binary" and LOSSES["grpo"].feedback == "scored_groups"
     assert LOSSES["sft"].feedback == "any"
     assert not LOSSES["simpo"].needs_reference and not LOSSES["orpo"].needs_reference
-    assert LOSSES["ipo"].logps == LOSSES["simpo"].logps == LOSSES["orpo"].logps == "average"
+    assert LOSSES["ipo"].logps == LOSSES["simpo"].logps == LOSSES["orpo"].logps == LOSSES["dpo_norm"].logps == "average"
     assert LOSSES["dpo"].logps == LOSSES["kto"].logps == "sum"
 
 

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from alignloop.config import LossConfig, OptimConfig
-from alignloop.losses import LOSSES, dpo_loss, grpo_loss, ipo_loss, kto_loss, orpo_loss, sft_loss, simpo_loss, slic_loss
+from alignloop.losses import LOSSES, dpo_loss, dpo_norm_loss, grpo_loss, ipo_loss, kto_loss, orpo_loss, sft_loss, simpo_loss, slic_loss
 from alignloop.models import encode_prompt, encode_response, load_causal_lm, load_tokenizer
 from alignloop.sampling.hf import generate
 from alignloop.stages.train import TrainingError, build_examples, compute_reference_logps, loss_on_batch, train_round
@@ -255,7 +255,7 @@ def test_grpo_trains_on_scored_groups(tiny_model, tmp_path):
 # ---- every loss wired end to end: `loss_on_batch` equals the pure loss fed with log-probs computed here ----
 
 # How each loss takes a response's log-prob, as its paper and TRL do: summed over tokens, or averaged.
-AVERAGED = {"dpo": False, "ipo": True, "simpo": True, "slic": False, "orpo": True, "sft": False, "kto": False}
+AVERAGED = {"dpo": False, "dpo_norm": True, "ipo": True, "simpo": True, "slic": False, "orpo": True, "sft": False, "kto": False}
 
 
 @pytest.fixture(scope="module")
@@ -285,7 +285,7 @@ def f64(values) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.float64)
 
 
-@pytest.mark.parametrize("loss", ["dpo", "ipo", "simpo", "slic", "orpo", "sft"])
+@pytest.mark.parametrize("loss", ["dpo", "dpo_norm", "ipo", "simpo", "slic", "orpo", "sft"])
 def test_pairwise_losses_take_the_right_log_probs(loss, tiny_model, moved_policy):
     """chosen and rejected in the right order, summed or averaged as the loss needs, the reference at the same
     scale: the trainer's loss equals the pure function fed with log-probs computed one sequence at a time."""
@@ -311,7 +311,7 @@ def test_pairwise_losses_take_the_right_log_probs(loss, tiny_model, moved_policy
         expected = {"simpo": simpo_loss, "orpo": orpo_loss}[loss](pc, pr)[0]
     else:
         rc, rr = f64([logp(reference, t) for t in chosen]), f64([logp(reference, t) for t in rejected])
-        expected = {"dpo": dpo_loss, "ipo": ipo_loss, "slic": slic_loss}[loss](pc, pr, rc, rr)[0]
+        expected = {"dpo": dpo_loss, "dpo_norm": dpo_norm_loss, "ipo": ipo_loss, "slic": slic_loss}[loss](pc, pr, rc, rr)[0]
     assert losses.shape == (4,)
     torch.testing.assert_close(losses.double(), expected, atol=2e-4, rtol=1e-4)
 

@@ -2,7 +2,7 @@
 
 A loss function takes log-probs; which log-probs, of what, built from which records, is what sets the
 families apart:
-- pairwise (dpo, ipo, simpo, slic, orpo): a (chosen, rejected) pair per example, log-probs summed or averaged
+- pairwise (dpo, dpo_norm, ipo, simpo, slic, orpo): a (chosen, rejected) pair per example, log-probs summed or averaged
   over tokens as the loss's paper has it (`LossSpec.logps`), the reference's at the same scale;
 - kto: one output per example, desirable or not (pairs are split into one of each), and another example's
   output, whose log-ratio estimates the reference point z0; every process must use the same z0, so the
@@ -224,7 +224,7 @@ class GRPO(Objective):
 
 
 OBJECTIVES: dict[str, Objective] = {
-    **{name: Pairwise(name) for name in ("dpo", "ipo", "simpo", "slic", "orpo")},
+    **{name: Pairwise(name) for name in ("dpo", "dpo_norm", "ipo", "simpo", "slic", "orpo")},
     "kto": KTO("kto"),
     "sft": SFT("sft"),
     "grpo": GRPO("grpo"),

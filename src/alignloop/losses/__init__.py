@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
 
 from .bradley_terry import bradley_terry_loss
-from .dpo import dpo_loss
+from .dpo import dpo_loss, dpo_norm_loss
 from .grpo import group_advantages, grpo_loss
 from .ipo import ipo_loss
 from .kto import kto_kl_estimate, kto_loss, mismatched_indices
@@ -52,6 +52,10 @@ LOSSES: dict[str, LossSpec] = {
     "dpo": LossSpec(
         dpo_loss, "pairwise", True, "sum", {"beta": 0.1, "label_smoothing": 0.0},
         "Rafailov et al. 2023 (cDPO: Mitchell 2023)",
+    ),
+    "dpo_norm": LossSpec(
+        dpo_norm_loss, "pairwise", True, "average", {"beta": 5.0, "label_smoothing": 0.0},
+        "Lambert et al. 2024 (Tulu 3), length-normalised",
     ),
     "ipo": LossSpec(ipo_loss, "pairwise", True, "average", {"tau": 0.1}, "Azar et al. 2023"),
     "simpo": LossSpec(
@@ -83,6 +87,7 @@ __all__ = [
     "LossSpec",
     "bradley_terry_loss",
     "dpo_loss",
+    "dpo_norm_loss",
     "group_advantages",
     "grpo_loss",
     "ipo_loss",

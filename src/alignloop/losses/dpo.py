@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["dpo_loss"]
+__all__ = ["dpo_loss", "dpo_norm_loss"]
 
 
 def dpo_loss(
@@ -58,3 +58,26 @@ def dpo_loss(
     chosen_rewards = beta * chosen_logratios.detach()
     rejected_rewards = beta * rejected_logratios.detach()
     return losses, chosen_rewards, rejected_rewards
+
+
+def dpo_norm_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    reference_chosen_logps: torch.Tensor,
+    reference_rejected_logps: torch.Tensor,
+    beta: float = 5.0,
+    label_smoothing: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    r"""Length-normalised DPO: :func:`dpo_loss` on log-probs **averaged** over the response tokens.
+
+    Paper: Lambert et al. 2024, "Tulu 3: Pushing Frontiers in Open Language Model Post-Training"
+    (arXiv:2411.15124), the DPO variant of its final recipe, with ``beta = 5`` (an average log-ratio is about a
+    sequence length smaller than a summed one, so beta is that much larger). A summed log-ratio grows with the
+    number of tokens, so a long rejected answer can be pushed down by many tokens at once; averaging takes
+    length out of the margin.
+
+    Args: as :func:`dpo_loss`, with ``[B]`` log-probs averaged over each response's tokens.
+    Returns: as :func:`dpo_loss` (implicit rewards per token).
+    """
+    return dpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
+                    beta=beta, label_smoothing=label_smoothing)
