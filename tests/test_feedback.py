@@ -208,6 +208,68 @@ def test_extra_fields_optional():
                          "reward_difference"}
 
 
+# ---------------------------------------------------------------------------------------------- length kept honest
+
+
+def sized(pid, rewards, lengths, cut=()):
+    """Samples of one prompt with outputs of the given lengths in characters; those in `cut` hit the cap."""
+    out = group(pid, rewards)
+    for s, n in zip(out, lengths):
+        s["output"] = "x" * n
+        s["finish_reason"] = "length" if s["sample_id"] in cut else "stop"
+    return out
+
+
+def test_length_ratio_picks_the_largest_gap_among_similar_lengths():
+    # FOUR's best pair (1 beats 2, gap 0.75) has lengths 100 vs 25: a quarter of the longer, below 0.5. With
+    # lengths 100, 100, 25, 60: 0-1 (gap 0.25, ratio 1.0), 0-3 (0.125, 0.6), 1-3 (0.125, 0.6) pass; 0-2, 1-2 (0.25)
+    # and 2-3 (0.42) fail
+    samples = sized("p1", FOUR, [100, 100, 25, 60])
+    assert [oriented(p) for p in pairwise_feedback(samples, mode="max")] == [(1, 2, 0.75)]
+    assert [oriented(p) for p in pairwise_feedback(samples, mode="max", length_ratio=0.5)] == [(1, 0, 0.25)]
+    # min: the smallest passing gap, 0.125, first in sample_id order: 0-3
+    assert [oriented(p) for p in pairwise_feedback(samples, mode="min", length_ratio=0.5)] == [(3, 0, 0.125)]
+    # a ratio of exactly the shorter/longer fraction keeps the pair (>=): 60 / 100 = 0.6
+    assert [oriented(p) for p in pairwise_feedback(samples, mode="min", length_ratio=0.6)] == [(3, 0, 0.125)]
+    assert [oriented(p) for p in pairwise_feedback(samples, mode="min", length_ratio=0.61)] == [(1, 0, 0.25)]
+    assert pairwise_feedback(samples, mode="max", length_ratio=1.0, threshold=0.25) == []
+    with pytest.raises(ValueError, match="length_ratio"):
+        pairwise_feedback(samples, length_ratio=0.0)
+
+
+def test_length_ratio_in_random_mode_drops_pairs_of_unlike_length():
+    samples = sized("p1", FOUR, [10, 10, 10, 100])
+    for seed in range(6):
+        kept = pairwise_feedback(samples, mode="random", seed=seed, length_ratio=0.5)
+        every = pairwise_feedback(samples, mode="random", seed=seed)
+        # the same matching, less the pair with the long answer (A/B coins may land otherwise)
+        assert [oriented(p) for p in kept] == [oriented(p) for p in every if 3 not in (p["sample_id_A"], p["sample_id_B"])]
+        assert len(kept) == 1
+
+
+def test_truncation_penalty_lowers_cut_answers_before_pairing():
+    # sample 1 (0.75) was cut at the cap: with a penalty of 0.5 it counts 0.25, so the best is now 3 (0.625)
+    samples = sized("p1", FOUR, [10, 10, 10, 10], cut={1})
+    [pair] = pairwise_feedback(samples, mode="max", truncation_penalty=0.5)
+    assert oriented(pair) == (3, 2, 0.625)
+    assert_consistent(pair)
+    [pair] = pairwise_feedback(samples, mode="min", truncation_penalty=0.5)
+    assert oriented(pair) == (3, 0, 0.125)  # penalised 0.5, 0.25, 0.0, 0.625: the smallest gap is 0-3's
+    # gaps above 0.25: 0-2 (0.5), 1-3 (0.375), 2-3 (0.625); the records carry the penalised rewards
+    [pair] = pairwise_feedback(samples, mode="min", threshold=0.25, truncation_penalty=0.5)
+    assert oriented(pair) == (3, 1, 0.375)
+    assert {pair["reward_A"], pair["reward_B"]} == {0.625, 0.25}
+    assert samples[1]["reward"] == 0.75  # the input is untouched
+
+
+def test_truncation_penalty_in_binary_feedback():
+    samples = sized("p1", [1.0, 0.5, 0.5, 0.0], [10] * 4, cut={0})
+    # penalised: 0.25, 0.5, 0.5, 0.0; mean 0.3125
+    labels = [(r["reward"], r["label"]) for r in binary_feedback(samples, "mean", truncation_penalty=0.75)]
+    assert labels == [(0.25, False), (0.5, True), (0.5, True), (0.0, False)]
+    assert [r["label"] for r in binary_feedback(samples, "mean")] == [True, True, True, False]
+
+
 # ---------------------------------------------------------------------------------------------- binary
 
 

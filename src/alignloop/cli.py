@@ -110,6 +110,10 @@ def build_parser() -> argparse.ArgumentParser:
     _setting(p, "--mode", "feedback.mode", choices=["random", "max", "min"], help="pairing (pairwise)")
     _setting(p, "--threshold", "feedback.threshold", type=_number_or_word,
              help="pairwise: minimum gap; binary: mean, median or a number")
+    _setting(p, "--length-ratio", "feedback.length_ratio", type=float,
+             help="pairwise: keep a pair only when the shorter answer has at least this fraction of the longer's characters")
+    _setting(p, "--truncation-penalty", "feedback.truncation_penalty", type=float,
+             help="taken off the reward of an answer cut at the sampler's cap")
     _setting(p, "--seed", "seed", type=int)
 
     p = verbs.add_parser("train-rm", help="train a Bradley-Terry reward model on pairwise feedback", description=(
@@ -318,7 +322,8 @@ def feedback_verb(args, progress: bool) -> int:
 
     c = _sections(args, "feedback", "seed")
     fb = c["feedback"]
-    counts = feedback_stage(args.scored, args.out, fb.type, fb.mode, fb.threshold, c["seed"])
+    counts = feedback_stage(args.scored, args.out, fb.type, fb.mode, fb.threshold, c["seed"], fb.length_ratio,
+                            fb.truncation_penalty)
     print(f"wrote feedback to {args.out}: {counts}")
     return 0
 

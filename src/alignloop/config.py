@@ -255,6 +255,10 @@ class FeedbackConfig(Strict):
     type: Literal["pairwise", "binary"] = "pairwise"
     mode: Literal["random", "max", "min"] = "max"
     threshold: Union[float, Literal["mean", "median"]] = 0.0
+    # Length kept honest (`alignloop.stages.feedback`): pairs whose shorter answer has at least this fraction of
+    # the longer one's characters (null: any), and a penalty off the reward of an answer cut at the cap
+    length_ratio: float | None = Field(default=None, gt=0, le=1)
+    truncation_penalty: float = Field(default=0.0, ge=0)
 
     @model_validator(mode="after")
     def _threshold_fits(self):

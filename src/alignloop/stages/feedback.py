@@ -14,6 +14,14 @@ The rules are HALOs' (ContextualAI/HALOs, train/label.py) without its bugs:
 `reward_difference` is the absolute gap |reward_A - reward_B|, as HALOs' train/label.py writes it
 (`'reward_difference': abs(sample_A['reward'] - sample_B['reward'])`). Which side won is already in `label`,
 so a signed value would only repeat it, and files stay interchangeable with HALOs'.
+
+Two optional rules keep length honest, since a reward can favour short answers (a cut answer misses its end
+phrase; a short one breaks fewer rules) and the policy then learns to stop early rather than to comply:
+- `truncation_penalty` is subtracted from the reward of a sample cut at the sampler's cap (finish_reason
+  "length") before pairs or labels are chosen, as TRL's online trainers' `missing_eos_penalty` does; the
+  records carry the penalised reward, the one their label was decided by.
+- `length_ratio` keeps a pair only when the shorter answer has at least that fraction of the longer one's
+  characters, so the pair teaches what differs besides length.
 """
 
 from __future__ import annotations
@@ -35,22 +43,43 @@ FEEDBACK_KINDS = ("pairwise", "binary")
 # --------------------------------------------------------------------------------------------------------------
 
 
-def pairwise_feedback(scored: list[dict], mode: str = "max", threshold: float = 0.0, seed: int = 0) -> list[dict]:
+def pairwise_feedback(scored: list[dict], mode: str = "max", threshold: float = 0.0, seed: int = 0,
+                      length_ratio: float | None = None, truncation_penalty: float = 0.0) -> list[dict]:
     """Pairwise feedback records from scored samples, at most one pair per prompt (max, min) or n//2 (random).
 
     Prompts come out in the order they first appear; within a prompt, samples are taken in sample_id order
-    (file order for samples without one), which is what makes ties deterministic.
+    (file order for samples without one), which is what makes ties deterministic. `length_ratio` and
+    `truncation_penalty`: see the module docstring.
     """
     if mode not in PAIRWISE_MODES:
         raise ValueError(f"unknown pairwise mode {mode!r}; valid modes: {', '.join(PAIRWISE_MODES)}")
     threshold = _pairwise_threshold(threshold)
+    if length_ratio is not None and not 0 < length_ratio <= 1:
+        raise ValueError(f"length_ratio must be in (0, 1], got {length_ratio!r}")
 
     feedback = []
-    for prompt_id, group in _group_by_prompt(scored).items():
+    for prompt_id, group in _group_by_prompt(penalise_truncated(scored, truncation_penalty)).items():
         rng = random.Random(f"{seed}:{prompt_id}")
-        for better, worse in _choose_pairs(group, mode, threshold, rng):
+        for better, worse in _choose_pairs(group, mode, threshold, rng, length_ratio):
             feedback.append(_pair_record(prompt_id, better, worse, rng))
     return feedback
+
+
+def penalise_truncated(scored: list[dict], penalty: float) -> list[dict]:
+    """The samples with `penalty` taken off the reward of each one cut at the sampler's cap (copies; the
+    input is untouched). An unscored sample stays unscored."""
+    if not penalty:
+        return scored
+    cut = lambda s: s.get("finish_reason") == "length" and s.get("reward") is not None  # noqa: E731
+    return [{**s, "reward": s["reward"] - penalty} if cut(s) else s for s in scored]
+
+
+def similar_length(a: dict, b: dict, ratio: float | None) -> bool:
+    """Whether the shorter output has at least `ratio` of the longer one's characters (None: always)."""
+    if ratio is None:
+        return True
+    shorter, longer = sorted((len(a["output"]), len(b["output"])))
+    return shorter >= ratio * longer
 
 
 def _pairwise_threshold(threshold: Any) -> float:
@@ -80,13 +109,15 @@ def _group_by_prompt(scored: list[dict]) -> dict[str, list[dict]]:
     return {pid: [s for _, s in sorted(items, key=order)] for pid, items in groups.items()}
 
 
-def _choose_pairs(group: list[dict], mode: str, threshold: float, rng: random.Random) -> list[tuple[dict, dict]]:
-    """The pairs of one prompt as (better, worse), each with a gap strictly above the threshold.
+def _choose_pairs(group: list[dict], mode: str, threshold: float, rng: random.Random,
+                  length_ratio: float | None = None) -> list[tuple[dict, dict]]:
+    """The pairs of one prompt as (better, worse), each with a gap strictly above the threshold and lengths
+    within `length_ratio`.
 
     Because threshold >= 0, a kept pair never has equal rewards, so "better" is always well defined.
     """
     def clears(a: dict, b: dict) -> bool:
-        return abs(a["reward"] - b["reward"]) > threshold
+        return abs(a["reward"] - b["reward"]) > threshold and similar_length(a, b, length_ratio)
 
     def ordered(a: dict, b: dict) -> tuple[dict, dict]:
         return (a, b) if a["reward"] > b["reward"] else (b, a)
@@ -100,19 +131,17 @@ def _choose_pairs(group: list[dict], mode: str, threshold: float, rng: random.Ra
         neighbours = [(shuffled[i], shuffled[i + 1]) for i in range(0, len(shuffled) - 1, 2)]
         return [ordered(a, b) for a, b in neighbours if clears(a, b)]
 
-    if mode == "max":
-        # max()/min() return the first of tied items, i.e. the lowest sample_id.
-        best = max(group, key=lambda s: s["reward"])
-        worst = min(group, key=lambda s: s["reward"])
-        return [(best, worst)] if clears(best, worst) else []
-
-    # mode == "min": the smallest gap that still clears the threshold. Groups are a handful of samples, so all
-    # pairs are tried; ties go to the first pair in sample_id order (strict < keeps the earlier one).
+    # max / min: the largest / smallest gap among the pairs that clear the threshold (and the length rule).
+    # Groups are a handful of samples, so all pairs are tried; ties go to the first pair in sample_id order (the
+    # strict comparison keeps the earlier one). For max without a length rule that is the first best sample
+    # against the first worst one.
+    sign = 1 if mode == "max" else -1
     chosen = None
     for i, a in enumerate(group):
         for b in group[i + 1:]:
-            if clears(a, b) and (chosen is None or abs(a["reward"] - b["reward"]) < chosen[0]):
-                chosen = (abs(a["reward"] - b["reward"]), a, b)
+            gap = sign * abs(a["reward"] - b["reward"])
+            if clears(a, b) and (chosen is None or gap > chosen[0]):
+                chosen = (gap, a, b)
     return [ordered(chosen[1], chosen[2])] if chosen else []
 
 
@@ -146,14 +175,15 @@ def _pair_record(prompt_id: str, better: dict, worse: dict, rng: random.Random) 
 # --------------------------------------------------------------------------------------------------------------
 
 
-def binary_feedback(scored: list[dict], threshold: str | float = "mean") -> list[dict]:
+def binary_feedback(scored: list[dict], threshold: str | float = "mean", truncation_penalty: float = 0.0) -> list[dict]:
     """Binary feedback records: label = reward >= threshold, one record per scored sample, in input order.
 
     threshold is "mean", "median" (taken over ALL scored samples given, i.e. the whole round, not per prompt)
     or a number. The median of an even count is the mean of the two middle rewards (statistics.median).
-    With no scored sample there is no statistic and no feedback: the result is empty.
+    With no scored sample there is no statistic and no feedback: the result is empty. `truncation_penalty`:
+    see the module docstring (the statistic is taken over the penalised rewards).
     """
-    rated = [s for s in scored if s.get("reward") is not None]
+    rated = [s for s in penalise_truncated(scored, truncation_penalty) if s.get("reward") is not None]
     if not rated:
         _binary_threshold(threshold, [])  # still reject a bad threshold
         return []
@@ -197,11 +227,13 @@ def feedback_stage(
     mode: str = "max",
     threshold: str | float = 0.0,
     seed: int = 0,
+    length_ratio: float | None = None,
+    truncation_penalty: float = 0.0,
 ) -> dict:
     """Read scored samples, build feedback, write it atomically, and return counts for the manifest.
 
-    kind "pairwise" uses mode/threshold/seed; kind "binary" uses threshold ("mean", "median", a number or a
-    numeric string). Arguments are checked before the input is read, and nothing is written unless the whole
+    kind "pairwise" uses mode/threshold/seed/length_ratio; kind "binary" uses threshold ("mean", "median", a
+    number or a numeric string); both take truncation_penalty. Arguments are checked before the input is read, and nothing is written unless the whole
     input is valid, so a failed run leaves no (partial) output file behind.
     Counts: scored (reward not null), unscored (reward null), prompts (distinct prompt_ids in the input), and
     pairs (pairwise) or desirable/undesirable (binary). Zero feedback is not an error here; the caller decides.
@@ -222,10 +254,11 @@ def feedback_stage(
         "prompts": len({s["prompt_id"] for s in scored}),
     }
     if kind == "pairwise":
-        feedback = pairwise_feedback(scored, mode=mode, threshold=threshold, seed=seed)
+        feedback = pairwise_feedback(scored, mode=mode, threshold=threshold, seed=seed, length_ratio=length_ratio,
+                                     truncation_penalty=truncation_penalty)
         counts["pairs"] = len(feedback)
     else:
-        feedback = binary_feedback(scored, threshold=threshold)
+        feedback = binary_feedback(scored, threshold=threshold, truncation_penalty=truncation_penalty)
         counts["desirable"] = sum(r["label"] for r in feedback)
         counts["undesirable"] = sum(not r["label"] for r in feedback)
     write_records(out_path, feedback)
