@@ -139,7 +139,9 @@ def tiny_run_overrides(run_dir, policy: str) -> list[str]:
     """A two-round loop on the tiny model that takes seconds."""
     return [
         f"run_dir={run_dir}", f"policy={policy}", "prompts_per_round=6", "total_prompts=12", "samples_per_prompt=3",
-        "heldout.limit=6", "sampler.backend=hf", "sampler.max_new_tokens=12", "sampler.dtype=float32", "optim.batch_size=2",
+        "heldout.limit=6", "sampler.backend=hf", "sampler.max_new_tokens=12", "eval.max_new_tokens=12", "sampler.dtype=float32", "optim.batch_size=2",
         "optim.epochs=1", "optim.lr=1e-3", "optim.mixed_precision=no",
         "labeler.function=toy_rewards:lowercase_fraction",
+        # every tiny answer hits its 12-token cap; the embedded default's length rules would only thin the pairs
+        "feedback.length_ratio=null", "feedback.truncation_penalty=0",
     ]

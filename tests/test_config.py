@@ -131,7 +131,7 @@ def test_a_verb_takes_its_sections_alone(tmp_path):
     c = load_sections(path, ["sampler.top_p=0.8"], {"sampler.max_new_tokens": 9}, ("sampler", "samples_per_prompt", "seed"))
     assert c["samples_per_prompt"] == 1 and c["seed"] == 0
     assert (c["sampler"].temperature, c["sampler"].top_p, c["sampler"].max_new_tokens) == (0.7, 0.8, 9)
-    with pytest.raises(ConfigError, match=f"{path}: loss: unknown loss 'dpoo'; choose one of dpo, grpo"):
+    with pytest.raises(ConfigError, match=f"{path}: loss: unknown loss 'dpoo'; choose one of dpo, dpo_norm, grpo"):
         load_sections(path, [], {"loss.name": "dpoo"}, ("loss",))
     with pytest.raises(ConfigError, match="samplr: unknown key"):
         load_sections(None, ["samplr.top_p=0.5"], {}, ("sampler",))

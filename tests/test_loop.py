@@ -74,7 +74,10 @@ def test_resume_refuses_a_different_config(tiny_model, tmp_path):
         run_loop(load_config(None, overrides + ["optim.lr=0.5"]), progress=False)
 
 
-# Config files that release 0.1.0 saved in run directories, and the settings that wrote them.
+# Config files that release 0.1.0 saved in run directories, and the settings that wrote them: its defaults that
+# have changed since, then each file's own.
+DEFAULTS_0_1_0 = ["sampler.max_new_tokens=64", "optim.lr=5e-5", "optim.epochs=2", "eval.max_new_tokens=null",
+                  "feedback.length_ratio=null", "feedback.truncation_penalty=0"]
 RELEASE_0_1_0 = {
     "default": [],
     "judge": ["labeler.kind=judge", "labeler.base_url=http://127.0.0.1:8000/v1", "labeler.model=judge",
@@ -96,15 +99,18 @@ def test_a_run_directory_of_release_0_1_0_resumes_without_complaint(name, tmp_pa
     run_dir.mkdir(parents=True)
     saved = Path(__file__).parent / "fixtures" / "release_0_1_0" / f"{name}.yaml"
     (run_dir / "config.yaml").write_bytes(saved.read_bytes())
-    given = keep_saved_sampler(load_config(None, RELEASE_0_1_0[name]), run_dir / "config.yaml")
+    given = keep_saved_sampler(load_config(None, DEFAULTS_0_1_0 + RELEASE_0_1_0[name]), run_dir / "config.yaml")
     assert given.sampler.backend == ("vllm" if name == "vllm" else "hf")
     Run(given).open()
     assert load_config(run_dir / "config.yaml") == given  # rewritten, the same config
-    changed = keep_saved_sampler(load_config(None, RELEASE_0_1_0[name] + ["optim.lr=0.5"]), run_dir / "config.yaml")
-    with pytest.raises(ConfigError, match="different configuration"):
+    changed = keep_saved_sampler(load_config(None, DEFAULTS_0_1_0 + RELEASE_0_1_0[name] + ["optim.lr=0.5"]), run_dir / "config.yaml")
+    with pytest.raises(ConfigError, match=r"different configuration \(optim.lr: 5e-05 -> 0.5\)"):
         Run(changed).open()
+    # today's defaults are a different run, and the error says where they differ first
+    with pytest.raises(ConfigError, match=r"different configuration \(sampler.max_new_tokens: 64 -> 256, .* and \d+ more\)"):
+        Run(keep_saved_sampler(load_config(None, RELEASE_0_1_0[name]), run_dir / "config.yaml")).open()
     if name == "default":  # a backend the command does choose is kept, and is a different run
-        chosen = keep_saved_sampler(load_config(None, ["sampler.backend=vllm"]), run_dir / "config.yaml")
+        chosen = keep_saved_sampler(load_config(None, DEFAULTS_0_1_0 + ["sampler.backend=vllm"]), run_dir / "config.yaml")
         with pytest.raises(ConfigError, match="different configuration"):
             Run(chosen).open()
 
@@ -370,6 +376,36 @@ def test_eval_labelers_max_new_tokens_and_ifeval_accuracy(tiny_model, tmp_path):
     assert ifeval["instruction"]["n"] == len(heldout)
     assert ifeval["instruction"]["mean"] == sum(sum(r["instructions_followed"]) for r in heldout) / sum(len(r["instruction_id_list"]) for r in heldout)
     assert metrics["heldout_ifeval_change"] == manifest["rounds"]["0"]["eval"]["ifeval_change"]
+    # the run's summary and its closing lines: the accuracy users measure and the answers' length, SFT to last
+    summary = manifest["summary"]
+    assert summary["heldout_ifeval"]["last"] == ifeval and summary["heldout_ifeval"]["change"] == metrics["heldout_ifeval_change"]
+    assert summary["heldout_ifeval"]["sft"] == manifest["rounds"]["sft"]["eval"]["ifeval"]
+    assert summary["heldout_length"]["last"] == manifest["rounds"]["0"]["eval"]["length"]
+    assert summary["heldout_length"]["sft"] == manifest["rounds"]["sft"]["eval"]["length"]
+    table = format_table(tmp_path / "run")
+    change = summary["heldout_ifeval"]["change"]["instruction"]
+    before, after = (summary["heldout_ifeval"][k]["instruction"]["mean"] for k in ("sft", "last"))
+    assert (f"held-out IFEval instruction accuracy (strict): {before:.3f} -> {after:.3f}, {change['mean']:+.3f} "
+            f"(95% CI {change['ci95'][0]:+.3f} to {change['ci95'][1]:+.3f})") in table
+
+
+def test_the_table_ends_with_what_users_measure(tmp_path):
+    """The closing lines of `format_table`, from a run's summary with hand-picked numbers."""
+    interval = lambda mean, lo, hi: {"n": 100, "mean": mean, "ci95": [lo, hi]}  # noqa: E731
+    summary = {"heldout_change": interval(0.135, 0.033, 0.237),
+               "heldout_ifeval": {"sft": {"instruction": interval(0.4, 0.32, 0.48)},
+                                  "last": {"instruction": interval(0.57, 0.49, 0.65)},
+                                  "change": {"instruction": interval(0.17, 0.071, 0.269)}},
+               "heldout_length": {"sft": {"tokens": 125.5, "words": 89.36, "truncated": 0.35},
+                                  "last": {"tokens": 73.8, "words": 46.23, "truncated": 0.16}}}
+    (tmp_path / "manifest.json").write_text(json.dumps({"rounds": {}, "summary": summary}))
+    assert format_table(tmp_path).splitlines()[-3:] == [
+        "held-out reward, last round minus SFT: +0.135 (95% CI +0.033 to +0.237, n=100 prompts)",
+        "held-out IFEval instruction accuracy (strict): 0.400 -> 0.570, +0.170 (95% CI +0.071 to +0.269)",
+        "held-out answer length: 89 -> 46 words (52% of the SFT model's), cut at the cap 35% -> 16%"]
+    summary["heldout_length"]["sft"]["words"] = 0.0  # no share of nothing: the line is left out
+    (tmp_path / "manifest.json").write_text(json.dumps({"rounds": {}, "summary": summary}))
+    assert "answer length" not in format_table(tmp_path)
 
 
 def test_offline_run_samples_every_round_from_the_sft_model(tiny_model, tmp_path):

@@ -15,7 +15,7 @@ def test_short_loop_on_smollm2_through_the_cli(tmp_path):
     """Two small rounds of the embedded default (same prompts, verifier, DPO), through `alignloop run`."""
     run_dir = tmp_path / "run"
     sets = ["prompts_per_round=8", "total_prompts=16", "samples_per_prompt=4", "heldout.limit=16",
-            "sampler.max_new_tokens=48", f"run_dir={run_dir}"]
+            "sampler.max_new_tokens=48", "eval.max_new_tokens=48", f"run_dir={run_dir}"]
     cmd = [sys.executable, "-m", "alignloop", "--no-progress", "run", *[a for s in sets for a in ("--set", s)]]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -34,9 +34,14 @@ def test_short_loop_on_smollm2_through_the_cli(tmp_path):
 
 
 def test_embedded_default_aligns(tmp_path):
-    """`alignloop run` with no config: 3 rounds on SmolLM2 whose held-out reward ends clearly above the
-    SFT model's, the paired 95% confidence interval over held-out prompts excluding zero (about 6 minutes
-    on 2 CPU cores with vLLM, the default where it is installed, as in CI)."""
+    """`alignloop run` with no config: 3 rounds on SmolLM2, measured as users measure (greedy answers of up to
+    256 tokens to held-out prompts on new topics, judged by IFEval's strict checkers): the instruction-level
+    accuracy and the held-out reward end above the SFT model's, both paired 95% confidence intervals over the
+    held-out prompts excluding zero (about 12 minutes on 2 CPU cores with vLLM, the default where it is
+    installed, as in CI).
+
+    The answers' length is asserted at the level the default reaches (half the SFT model's, README "How the
+    default was tuned"), not at the 70% the project aims for: that target is open."""
     run_dir = tmp_path / "default"
     cmd = [sys.executable, "-m", "alignloop", "--no-progress", "run", "--run-dir", str(run_dir)]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=3000)
@@ -47,9 +52,16 @@ def test_embedded_default_aligns(tmp_path):
     change = summary["heldout_change"]
     assert change["n"] == 100 and change["ci95"][0] > 0, change
     assert summary["heldout_last"] > summary["heldout_sft"] + 0.05
+    accuracy = summary["heldout_ifeval"]["change"]["instruction"]
+    assert accuracy["n"] == 100 and accuracy["mean"] >= 0.15 and accuracy["ci95"][0] > 0, accuracy
+    length = summary["heldout_length"]
+    assert length["last"]["words"] >= 0.45 * length["sft"]["words"], length  # the default's 52%, less a margin
+    assert length["last"]["truncated"] < length["sft"]["truncated"], length  # fewer answers cut at the cap
     # the console: a line per finished stage, then the table; nothing from vLLM, transformers and the rest
     assert result.stderr == ""
     lines = result.stdout.splitlines()
+    assert any(line.startswith("held-out IFEval instruction accuracy (strict): ") for line in lines[-4:])
+    assert any(line.startswith("held-out answer length: ") for line in lines[-4:])
     assert lines[0].startswith("SFT eval") and [line[:4] for line in lines[1:16]] == [f"r00{r}" for r in range(3) for _ in range(5)]
     # the report, redrawn after every round: every plot of the default run (the browser test is test_report's)
     page = (run_dir / "report/index.html").read_text()

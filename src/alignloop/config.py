@@ -62,7 +62,7 @@ class _SamplerSettings(_OneOf):
     dtype: Literal["bfloat16", "float32", "float16"] = "bfloat16"
     temperature: float = Field(default=1.0, ge=0)
     top_p: float = Field(default=1.0, gt=0, le=1)
-    max_new_tokens: int = Field(default=64, gt=0)
+    max_new_tokens: int = Field(default=256, gt=0)  # long enough that most answers finish (see the README)
     stop: list[str] = []
 
 
@@ -257,8 +257,8 @@ class FeedbackConfig(Strict):
     threshold: Union[float, Literal["mean", "median"]] = 0.0
     # Length kept honest (`alignloop.stages.feedback`): pairs whose shorter answer has at least this fraction of
     # the longer one's characters (null: any), and a penalty off the reward of an answer cut at the cap
-    length_ratio: float | None = Field(default=None, gt=0, le=1)
-    truncation_penalty: float = Field(default=0.0, ge=0)
+    length_ratio: float | None = Field(default=0.5, gt=0, le=1)
+    truncation_penalty: float = Field(default=1.0, ge=0)
 
     @model_validator(mode="after")
     def _threshold_fits(self):
@@ -296,12 +296,12 @@ class LossConfig(BaseModel):
 
 
 class OptimConfig(Strict):
-    lr: float = Field(default=5e-5, gt=0)
+    lr: float = Field(default=1e-4, gt=0)
     weight_decay: float = Field(default=0.0, ge=0)
     warmup_steps: int = Field(default=2, ge=0)
     batch_size: int = Field(default=8, gt=0)  # examples per micro-batch (a pair is one example)
     gradient_accumulation_steps: int = Field(default=1, gt=0)
-    epochs: int = Field(default=2, gt=0)  # passes over each round's feedback
+    epochs: int = Field(default=1, gt=0)  # passes over each round's feedback
     max_grad_norm: float = Field(default=1.0, gt=0)
     max_length: int = Field(default=512, gt=8)
     dtype: Literal["float32", "bfloat16"] = "float32"  # the weights' dtype while training
@@ -340,7 +340,8 @@ class EvalConfig(Strict):
     # More labelers that score the held-out answers too, by name, e.g. {gold: {kind: judge, ...}}: a reward
     # model's or judge's proxy reward can rise while a second opinion falls (reward hacking)
     labelers: dict[str, LabelerConfig] = {}
-    max_new_tokens: int | None = Field(default=None, gt=0)  # the held-out answers' cap; null: the sampler's
+    # the held-out answers' cap, apart from the training samples': users judge full answers; null: the sampler's
+    max_new_tokens: int | None = Field(default=256, gt=0)
     kl: bool = True  # per round, KL(policy || reference) along the held-out answers (two forward passes)
     # how many held-out answers (the first ones) the KL is measured on; null: all. A drift gauge needs few,
     # and each costs a forward pass of both models (on a 2-core CPU, 100 answers of SmolLM2-135M: ~23 s)
@@ -513,8 +514,27 @@ def keep_saved_sampler(config: Config, saved: Path) -> Config:
     return config.model_copy(update={"sampler": sampler})
 
 
+def config_difference(before: Config, after: Config, most: int = 3) -> str:
+    """The first keys whose values differ between two configs, e.g. "optim.lr: 5e-05 -> 0.0001"."""
+    def flat(node, prefix=""):
+        if isinstance(node, dict):
+            return {k: v for key, value in node.items() for k, v in flat(value, f"{prefix}{key}.").items()}
+        return {prefix[:-1]: node}
+
+    a, b = flat(before.model_dump(mode="json")), flat(after.model_dump(mode="json"))
+    keys = [k for k in dict.fromkeys([*a, *b]) if a.get(k) != b.get(k)]
+    shown = ", ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in keys[:most])
+    return shown + (f" and {len(keys) - most} more" if len(keys) > most else "")
+
+
 def dump_config(config: Config) -> str:
     return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+
+
+# Keys added with a default that changes what a run does, and the value that does what runs did before them:
+# a run directory saved without the key ran that way, and resumes that way
+BEFORE_ADDED = {("feedback", "length_ratio"): None, ("feedback", "truncation_penalty"): 0.0,
+                ("eval", "max_new_tokens"): None}
 
 
 def load_saved_config(path: Path) -> Config:
@@ -522,8 +542,12 @@ def load_saved_config(path: Path) -> Config:
 
     Releases up to 0.1.0 saved the labeler and sampler as one class each, with every kind's fields: a judge
     also carried `function`, a vLLM sampler `batch_size`. Those fields never had an effect on that kind, so
-    they are dropped here; a key added since is absent from older files and takes its default."""
+    they are dropped here. A key added since is absent from older files and takes its default, or, where the
+    default changes what a run does, the value of before (`BEFORE_ADDED`)."""
     data = yaml.safe_load(path.read_text()) or {}
+    for (section, key), value in BEFORE_ADDED.items():
+        if isinstance(data.get(section, {}), dict) and key not in data.get(section, {}):
+            data.setdefault(section, {})[key] = value
     for section, (key, classes) in SECTIONS.items():
         fields = data.get(section)
         if isinstance(fields, dict) and (cls := classes.get(fields.setdefault(key, next(iter(classes))))):

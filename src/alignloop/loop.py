@@ -27,7 +27,7 @@ from typing import Callable
 
 from . import distributed
 from .checkpoint import is_checkpoint
-from .config import Config, ConfigError, dump_config, keep_saved_sampler, load_saved_config
+from .config import Config, ConfigError, config_difference, dump_config, keep_saved_sampler, load_saved_config
 from .faults import crash_point
 from .models import resolve_model_path, weights_sha256
 from .prompts.sources import load_prompts
@@ -68,10 +68,10 @@ class Run:
                 else:
                     leftover.unlink(missing_ok=True)
             saved = self.dir / "config.yaml"
-            if saved.exists() and load_saved_config(saved) != self.config:
+            if saved.exists() and (before := load_saved_config(saved)) != self.config:
                 raise ConfigError(
-                    f"{saved}: this run directory holds a run with a different configuration; "
-                    "resume it with the same config or choose another run_dir"
+                    f"{saved}: this run directory holds a run with a different configuration "
+                    f"({config_difference(before, self.config)}); resume it with the same config or choose another run_dir"
                 )
             atomic_write_text(saved, dump_config(self.config))
             return json.loads(self.manifest_path.read_text()) if self.manifest_path.exists() else {"format": 1, "rounds": {}}
@@ -350,12 +350,12 @@ def feedback_stage(run: Run, r: int, seed: int) -> dict:
     def compute() -> dict:
         records = read_records(scored)
         if fb.type == "pairwise":
-            feedback = pairwise_feedback(records, fb.mode, fb.threshold, seed)
+            feedback = pairwise_feedback(records, fb.mode, fb.threshold, seed, fb.length_ratio, fb.truncation_penalty)
         else:
-            feedback = binary_feedback(records, fb.threshold)
+            feedback = binary_feedback(records, fb.threshold, fb.truncation_penalty)
         write_records(out, feedback)
         return {"input_sha256": file_sha256(scored), "type": fb.type, "mode": fb.mode, "threshold": fb.threshold,
-                "count": len(feedback), "margin": pair_margin(feedback), "seed": seed}
+                "length_ratio": fb.length_ratio, "truncation_penalty": fb.truncation_penalty, "count": len(feedback), "margin": pair_margin(feedback), "seed": seed}
 
     return run.once(r, "feedback", out, lambda: distributed.on_main(compute))
 
@@ -507,4 +507,8 @@ def summarize(run: Run) -> dict:
         summary["heldout_sft"] = mean_reward(before)
         summary["heldout_last"] = mean_reward(after)
         summary["heldout_change"] = paired_difference(before, after)
+        if (change := instruction_accuracy_change(before, after)) is not None:  # what users measure
+            summary["heldout_ifeval"] = {"sft": instruction_accuracy(before), "last": instruction_accuracy(after),
+                                         "change": change}
+        summary["heldout_length"] = {"sft": length_stats(before), "last": length_stats(after)}
     return summary

@@ -88,11 +88,24 @@ def format_table(run_dir: str | Path) -> str:
         guard = json.loads(path.read_text()).get("guard") or {}
         if guard.get("action", "none") != "none":
             lines.append(f"guard, round {path.parent.name[1:].lstrip('0') or '0'}: {guard['action']} ({guard['reason']})")
-    change = manifest.get("summary", {}).get("heldout_change")
+    summary = manifest.get("summary", {})
+    change = summary.get("heldout_change")
     if change and change.get("ci95"):
         lo, hi = change["ci95"]
         lines.append(f"held-out reward, last round minus SFT: {change['mean']:+.3f} "
                      f"(95% CI {lo:+.3f} to {hi:+.3f}, n={change['n']} prompts)")
+    ifeval = (summary.get("heldout_ifeval") or {}).get("change", {}).get("instruction")
+    if ifeval and ifeval.get("ci95"):
+        lo, hi = ifeval["ci95"]
+        before, after = (summary["heldout_ifeval"][k]["instruction"]["mean"] for k in ("sft", "last"))
+        lines.append(f"held-out IFEval instruction accuracy (strict): {before:.3f} -> {after:.3f}, {ifeval['mean']:+.3f} "
+                     f"(95% CI {lo:+.3f} to {hi:+.3f})")
+    length = summary.get("heldout_length") or {}
+    if (length.get("sft") or {}).get("words") and (length.get("last") or {}).get("words") is not None:
+        before, after = length["sft"], length["last"]
+        lines.append(f"held-out answer length: {before['words']:.0f} -> {after['words']:.0f} words "
+                     f"({after['words'] / before['words']:.0%} of the SFT model's), cut at the cap "
+                     f"{before['truncated']:.0%} -> {after['truncated']:.0%}")
     return "\n".join(lines)
 
 

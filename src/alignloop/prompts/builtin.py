@@ -10,7 +10,7 @@ commas in your response."). Each record carries the IFEval `instruction_id_list`
      "instruction_id_list": ["length_constraints:number_words"],
      "kwargs": [{"num_words": 40, "relation": "less than"}]}
 
-Design (the policy is a ~135M model writing at most ~128 new tokens):
+Design (the policy is a ~135M model writing at most 256 new tokens):
 - only checkers that work offline (no nltk data: `length_constraints:number_sentences` and
   `change_case:capital_word_frequency` need nltk's punkt and are never used) and that a short answer
   can satisfy (no "at least 300 words", no response language, no repeat-the-prompt);
