@@ -37,7 +37,7 @@ from .rewards.judge import JudgePrefetch
 from .sampling import Sampler
 from .sampling.placement import trainer_on
 from .stages.evaluate import check_instructions, heldout_samples, kl_along_answers
-from .stages.feedback import binary_feedback, pairwise_feedback
+from .stages.feedback import build_feedback
 from .stages.label import BATCHES_PER_CHUNK, label_in_processes, label_records
 from .stages.sample import sample_records
 from .stages.train import has_training_signal, read_training_records, train_round, training_input
@@ -349,13 +349,11 @@ def feedback_stage(run: Run, r: int, seed: int) -> dict:
 
     def compute() -> dict:
         records = read_records(scored)
-        if fb.type == "pairwise":
-            feedback = pairwise_feedback(records, fb.mode, fb.threshold, seed, fb.length_ratio, fb.truncation_penalty)
-        else:
-            feedback = binary_feedback(records, fb.threshold, fb.truncation_penalty)
+        feedback = build_feedback(records, fb.type, fb.mode, fb.threshold, seed, fb.length_ratio, fb.truncation_penalty)
         write_records(out, feedback)
         return {"input_sha256": file_sha256(scored), "type": fb.type, "mode": fb.mode, "threshold": fb.threshold,
-                "length_ratio": fb.length_ratio, "truncation_penalty": fb.truncation_penalty, "count": len(feedback), "margin": pair_margin(feedback), "seed": seed}
+                "length_ratio": fb.length_ratio, "truncation_penalty": fb.truncation_penalty, "count": len(feedback),
+                "margin": pair_margin(feedback), "seed": seed}
 
     return run.once(r, "feedback", out, lambda: distributed.on_main(compute))
 

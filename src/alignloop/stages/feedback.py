@@ -54,8 +54,7 @@ def pairwise_feedback(scored: list[dict], mode: str = "max", threshold: float = 
     if mode not in PAIRWISE_MODES:
         raise ValueError(f"unknown pairwise mode {mode!r}; valid modes: {', '.join(PAIRWISE_MODES)}")
     threshold = _pairwise_threshold(threshold)
-    if length_ratio is not None and not 0 < length_ratio <= 1:
-        raise ValueError(f"length_ratio must be in (0, 1], got {length_ratio!r}")
+    _check_length_ratio(length_ratio)
 
     feedback = []
     for prompt_id, group in _group_by_prompt(penalise_truncated(scored, truncation_penalty)).items():
@@ -80,6 +79,11 @@ def similar_length(a: dict, b: dict, ratio: float | None) -> bool:
         return True
     shorter, longer = sorted((len(a["output"]), len(b["output"])))
     return shorter >= ratio * longer
+
+
+def _check_length_ratio(length_ratio: float | None) -> None:
+    if length_ratio is not None and not 0 < length_ratio <= 1:
+        raise ValueError(f"length_ratio must be in (0, 1], got {length_ratio!r}")
 
 
 def _pairwise_threshold(threshold: Any) -> float:
@@ -220,6 +224,14 @@ def _as_number(value: Any) -> float | None:
 # --------------------------------------------------------------------------------------------------------------
 
 
+def build_feedback(scored: list[dict], kind: str, mode: str, threshold: str | float, seed: int,
+                   length_ratio: float | None = None, truncation_penalty: float = 0.0) -> list[dict]:
+    """Feedback of `kind` from scored samples: the pairing or labelling the loop and the feedback verb share."""
+    if kind == "pairwise":
+        return pairwise_feedback(scored, mode, threshold, seed, length_ratio, truncation_penalty)
+    return binary_feedback(scored, threshold, truncation_penalty)
+
+
 def feedback_stage(
     in_path: str | Path,
     out_path: str | Path,
@@ -233,8 +245,8 @@ def feedback_stage(
     """Read scored samples, build feedback, write it atomically, and return counts for the manifest.
 
     kind "pairwise" uses mode/threshold/seed/length_ratio; kind "binary" uses threshold ("mean", "median", a
-    number or a numeric string); both take truncation_penalty. Arguments are checked before the input is read, and nothing is written unless the whole
-    input is valid, so a failed run leaves no (partial) output file behind.
+    number or a numeric string); both take truncation_penalty. Arguments are checked before the input is read,
+    and nothing is written unless the whole input is valid, so a failed run leaves no (partial) output file.
     Counts: scored (reward not null), unscored (reward null), prompts (distinct prompt_ids in the input), and
     pairs (pairwise) or desirable/undesirable (binary). Zero feedback is not an error here; the caller decides.
     """
@@ -244,6 +256,7 @@ def feedback_stage(
         if mode not in PAIRWISE_MODES:
             raise ValueError(f"unknown pairwise mode {mode!r}; valid modes: {', '.join(PAIRWISE_MODES)}")
         threshold = _pairwise_threshold(threshold)
+        _check_length_ratio(length_ratio)
     else:
         _binary_threshold(threshold, [])
 
@@ -253,12 +266,10 @@ def feedback_stage(
         "unscored": sum(s["reward"] is None for s in scored),
         "prompts": len({s["prompt_id"] for s in scored}),
     }
+    feedback = build_feedback(scored, kind, mode, threshold, seed, length_ratio, truncation_penalty)
     if kind == "pairwise":
-        feedback = pairwise_feedback(scored, mode=mode, threshold=threshold, seed=seed, length_ratio=length_ratio,
-                                     truncation_penalty=truncation_penalty)
         counts["pairs"] = len(feedback)
     else:
-        feedback = binary_feedback(scored, threshold=threshold, truncation_penalty=truncation_penalty)
         counts["desirable"] = sum(r["label"] for r in feedback)
         counts["undesirable"] = sum(not r["label"] for r in feedback)
     write_records(out_path, feedback)
