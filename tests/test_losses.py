@@ -101,6 +101,17 @@ def test_dpo_norm_hand_computed():
     close(rj, [-2.5])
 
 
+def test_rpo_hand_computed():
+    # as test_dpo_hand_computed, plus alpha * per-token NLL of chosen: -(-10)/5 = 2 and -(-20)/4 = 5
+    pc, pr, rc, rr = t(-10.0, -20.0), t(-12.0, -18.0), t(-11.0, -19.0), t(-11.0, -19.0)
+    losses, cr, _ = dpo_loss(pc, pr, rc, rr, beta=0.1, rpo_alpha=0.5, chosen_lengths=t(5.0, 4.0))
+    close(losses, [math.log1p(math.exp(-0.2)) + 0.5 * 2.0, math.log1p(math.exp(0.2)) + 0.5 * 5.0])
+    close(cr, [0.1, -0.1])  # the implicit rewards are DPO's, untouched by the NLL term
+    # length-normalised: the log-probs are already per token
+    losses, _, _ = dpo_norm_loss(t(-1.0), t(-2.0), t(-1.2), t(-1.5), rpo_alpha=2.0)
+    close(losses, [math.log1p(math.exp(-3.5)) + 2.0 * 1.0])
+
+
 def test_dpo_gradients_flow_to_policy_only():
     pc = t(-10.0, -20.0).requires_grad_()
     pr = t(-12.0, -18.0).requires_grad_()
@@ -457,8 +468,9 @@ def _pair_batch(seed=0):
     )
 
 
-def _trl_dpo(trl, batch, idx, loss_type, beta=0.1, label_smoothing=0.0):
-    """Run TRL's DPOTrainer._compute_loss on the pairs ``idx``; return (loss, metrics)."""
+def _trl_dpo(trl, batch, idx, loss_type, beta=0.1, label_smoothing=0.0, loss_weights=(1.0,)):
+    """Run TRL's DPOTrainer._compute_loss on the pairs ``idx``; return (loss, metrics). ``loss_type`` is one of
+    TRL's loss types or a list of them, summed with ``loss_weights``."""
     B = batch["B"]
     rows = torch.tensor(list(idx) + [B + i for i in idx])
     model = _FakeLM(batch["table"])
@@ -469,8 +481,8 @@ def _trl_dpo(trl, batch, idx, loss_type, beta=0.1, label_smoothing=0.0):
         precompute_ref_logps=True,
         f_divergence_type="reverse_kl",
         f_alpha_divergence_coef=1.0,
-        loss_types=[loss_type],
-        loss_weights=[1.0],
+        loss_types=[loss_type] if isinstance(loss_type, str) else list(loss_type),
+        loss_weights=list(loss_weights),
         beta=beta,
         label_smoothing=label_smoothing,
         use_weighting=False,
@@ -513,6 +525,19 @@ def test_dpo_matches_trl(trl, beta):
     batch = _pair_batch()
     losses, cr, rr = dpo_loss(*_ours_pairs(batch), beta=beta)
     _check_dpo_like(trl, batch, "sigmoid", losses, cr, rr, beta)
+
+
+def test_rpo_matches_trl(trl):
+    """RPO is TRL's sigmoid loss plus its `sft` loss weighted by alpha (TRL 1.x dropped `rpo_alpha` for this). TRL
+    averages the NLL over all of a batch's chosen tokens, ours over each pair's; one pair per call they agree."""
+    batch = _pair_batch(4)
+    B, alpha = batch["B"], 0.7
+    losses, _, _ = dpo_loss(*_ours_pairs(batch), rpo_alpha=alpha, chosen_lengths=batch["lengths"][:B])
+    plain, _, _ = dpo_loss(*_ours_pairs(batch))
+    assert (losses - plain > 0.1).all()  # the NLL term is there and positive
+    for i in range(B):
+        loss, _ = _trl_dpo(trl, batch, [i], ["sigmoid", "sft"], loss_weights=(1.0, alpha))
+        assert abs(loss.item() - losses[i].item()) < TRL_TOL, i
 
 
 def test_hinge_slic_matches_trl(trl):

@@ -285,17 +285,20 @@ def f64(values) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.float64)
 
 
-@pytest.mark.parametrize("loss", ["dpo", "dpo_norm", "ipo", "simpo", "slic", "orpo", "sft"])
+@pytest.mark.parametrize("loss", ["dpo", "rpo", "dpo_norm", "ipo", "simpo", "slic", "orpo", "sft"])
 def test_pairwise_losses_take_the_right_log_probs(loss, tiny_model, moved_policy):
     """chosen and rejected in the right order, summed or averaged as the loss needs, the reference at the same
-    scale: the trainer's loss equals the pure function fed with log-probs computed one sequence at a time."""
+    scale: the trainer's loss equals the pure function fed with log-probs computed one sequence at a time.
+    "rpo" is dpo with rpo_alpha: its NLL term needs each chosen response's length in tokens."""
+    params = dict(LOSSES["dpo"].defaults, rpo_alpha=1.0) if loss == "rpo" else LOSSES[loss].defaults
+    loss = "dpo" if loss == "rpo" else loss
     tok = load_tokenizer(tiny_model)
     feedback = pairs(4)
     examples = build_examples(feedback, loss, tok, 512, seed=0)
     if LOSSES[loss].needs_reference:  # in batches of 3, so one batch is padded and one is not full
         compute_reference_logps(loss, examples, tiny_model, "float32", 3, tok.pad_token_id, False, False)
     policy, reference = load_causal_lm(moved_policy).eval(), load_causal_lm(tiny_model).eval()
-    losses, _ = loss_on_batch(loss, LOSSES[loss].defaults, policy, examples, tok.pad_token_id)
+    losses, _ = loss_on_batch(loss, params, policy, examples, tok.pad_token_id)
 
     prompt = encode_prompt(tok, PROMPT)
 
@@ -312,6 +315,8 @@ def test_pairwise_losses_take_the_right_log_probs(loss, tiny_model, moved_policy
     else:
         rc, rr = f64([logp(reference, t) for t in chosen]), f64([logp(reference, t) for t in rejected])
         expected = {"dpo": dpo_loss, "dpo_norm": dpo_norm_loss, "ipo": ipo_loss, "slic": slic_loss}[loss](pc, pr, rc, rr)[0]
+        if params.get("rpo_alpha"):
+            expected = expected - pc / f64([len(encode_response(tok, t)) for t in chosen])
     assert losses.shape == (4,)
     torch.testing.assert_close(losses.double(), expected, atol=2e-4, rtol=1e-4)
 

@@ -109,6 +109,8 @@ class Pairwise(Objective):
             ref = torch.tensor([e.reference_logps for e in batch], dtype=policy.dtype, device=policy.device).t()
             if averaged:  # the same tokens as the policy's, so the same lengths
                 ref = ref / lengths.clamp(min=1)
+            if params.get("rpo_alpha") and not averaged:  # RPO's NLL is per token: summed log-probs need the lengths
+                params = {**params, "chosen_lengths": lengths[0]}
             losses, chosen_rewards, rejected_rewards = self.spec.fn(policy[0], policy[1], ref[0], ref[1], **params)
         else:
             losses, chosen_rewards, rejected_rewards = self.spec.fn(policy[0], policy[1], **params)

@@ -50,11 +50,11 @@ class LossSpec:
 
 LOSSES: dict[str, LossSpec] = {
     "dpo": LossSpec(
-        dpo_loss, "pairwise", True, "sum", {"beta": 0.1, "label_smoothing": 0.0},
+        dpo_loss, "pairwise", True, "sum", {"beta": 0.1, "label_smoothing": 0.0, "rpo_alpha": 0.0},
         "Rafailov et al. 2023 (cDPO: Mitchell 2023)",
     ),
     "dpo_norm": LossSpec(
-        dpo_norm_loss, "pairwise", True, "average", {"beta": 5.0, "label_smoothing": 0.0},
+        dpo_norm_loss, "pairwise", True, "average", {"beta": 5.0, "label_smoothing": 0.0, "rpo_alpha": 0.0},
         "Lambert et al. 2024 (Tulu 3), length-normalised",
     ),
     "ipo": LossSpec(ipo_loss, "pairwise", True, "average", {"tau": 0.1}, "Azar et al. 2023"),

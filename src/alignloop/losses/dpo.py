@@ -10,6 +10,10 @@ into the Bradley-Terry likelihood gives a logistic loss on the *difference of lo
 between chosen and rejected responses; no reward model, no sampling during training.
 cDPO assumes each label is flipped with probability ``label_smoothing`` and minimises the
 expected loss under that noise, which stops the margin from growing without bound.
+RPO: Pang et al. 2024, "Iterative Reasoning Preference Optimization" (arXiv:2404.19733) adds
+the chosen response's per-token negative log-likelihood, weighted by ``rpo_alpha`` (TRL's
+``rpo_alpha``): DPO alone can lower the chosen response's likelihood along with the
+rejected one's, and the NLL term holds it up.
 """
 
 from __future__ import annotations
@@ -27,12 +31,16 @@ def dpo_loss(
     reference_rejected_logps: torch.Tensor,
     beta: float = 0.1,
     label_smoothing: float = 0.0,
+    rpo_alpha: float = 0.0,
+    chosen_lengths: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    r"""Sigmoid DPO loss (cDPO when ``label_smoothing > 0``).
+    r"""Sigmoid DPO loss (cDPO when ``label_smoothing > 0``, RPO when ``rpo_alpha > 0``).
 
-    With ``h = (log pi(y_w) - log ref(y_w)) - (log pi(y_l) - log ref(y_l))``::
+    With ``h = (log pi(y_w) - log ref(y_w)) - (log pi(y_l) - log ref(y_l))`` and ``|y_w|`` the
+    chosen response's length in tokens::
 
         loss = -(1 - eps) * log sigmoid(beta * h) - eps * log sigmoid(-beta * h)
+               - rpo_alpha * log pi(y_w) / |y_w|
 
     Args:
         policy_chosen_logps: ``[B]`` policy log-probs of the chosen responses, **summed**
@@ -43,6 +51,11 @@ def dpo_loss(
         beta: inverse temperature / strength of the implicit KL penalty (paper: 0.1-0.5).
         label_smoothing: ``eps`` in [0, 0.5), assumed probability that a label is flipped
             (0 = plain DPO).
+        rpo_alpha: weight of the chosen response's per-token NLL (0 = plain DPO; RPO's paper: 1).
+            Per example, so each pair's NLL counts once whatever its length (TRL averages over
+            all of a batch's chosen tokens instead, weighting long responses more).
+        chosen_lengths: ``[B]`` tokens in each chosen response, to turn the summed log-prob into a
+            per-token NLL; ``None`` when the log-probs are already averaged per token.
 
     Returns:
         ``(losses [B], chosen_rewards [B], rejected_rewards [B])``; rewards are the implicit
@@ -55,6 +68,9 @@ def dpo_loss(
     losses = -F.logsigmoid(logits) * (1.0 - label_smoothing)
     if label_smoothing:
         losses = losses - F.logsigmoid(-logits) * label_smoothing
+    if rpo_alpha:
+        per_token = policy_chosen_logps if chosen_lengths is None else policy_chosen_logps / chosen_lengths.clamp(min=1)
+        losses = losses - rpo_alpha * per_token
     chosen_rewards = beta * chosen_logratios.detach()
     rejected_rewards = beta * rejected_logratios.detach()
     return losses, chosen_rewards, rejected_rewards
@@ -67,6 +83,7 @@ def dpo_norm_loss(
     reference_rejected_logps: torch.Tensor,
     beta: float = 5.0,
     label_smoothing: float = 0.0,
+    rpo_alpha: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     r"""Length-normalised DPO: :func:`dpo_loss` on log-probs **averaged** over the response tokens.
 
@@ -80,4 +97,4 @@ def dpo_norm_loss(
     Returns: as :func:`dpo_loss` (implicit rewards per token).
     """
     return dpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
-                    beta=beta, label_smoothing=label_smoothing)
+                    beta=beta, label_smoothing=label_smoothing, rpo_alpha=rpo_alpha)
