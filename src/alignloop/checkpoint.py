@@ -3,7 +3,9 @@
 A plain HF model folder (safetensors weights, config, tokenizer, generation config) that vLLM and
 transformers load as it is, plus a `training_state/` subfolder (kept out of the model folder proper: vLLM
 loads every *.safetensors file it finds there) with the AdamW moments (`optimizer.safetensors` and
-`optimizer.json`), the scheduler state and the trainer state (global step, per-round summaries). A checkpoint
+`optimizer.json`), the scheduler state and the trainer state (global step, per-round summaries). Under
+`policy_adapter` the model folder is a peft adapter folder instead (`alignloop.adapters`), and the moments are
+the adapter's alone. A checkpoint
 is written to a temporary folder and renamed into place, so a crash never leaves a half-written one.
 
 Weights and moments are saved whole, gathered from however many processes held them (data-parallel copies or
@@ -28,6 +30,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from . import distributed
+from .adapters import ADAPTER_CONFIG, save_adapter
 from .faults import crash_point
 from .records import write_json
 
@@ -87,9 +90,10 @@ def load_training_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer
     return json.loads((folder / TRAINER_STATE).read_text())
 
 
-def save_checkpoint(model, tokenizer, optimizer, scheduler, state: dict, out_dir: Path) -> None:
+def save_checkpoint(model, tokenizer, optimizer, scheduler, state: dict, out_dir: Path, adapter=None) -> None:
     """Everything a later round needs, gathered from every process and written by the main process to a
-    temporary folder, then renamed into place. Every process must call it."""
+    temporary folder, then renamed into place. Every process must call it. `adapter`: the peft wrapper of
+    `model` when only a LoRA adapter trains; the checkpoint then holds the adapter instead of the weights."""
     if distributed.is_deepspeed(model):
         weights, moments = gather_deepspeed(model)
     else:
@@ -100,11 +104,14 @@ def save_checkpoint(model, tokenizer, optimizer, scheduler, state: dict, out_dir
         shutil.rmtree(tmp, ignore_errors=True)
         policy = distributed.unwrap(model)
         policy.config.use_cache = True
-        # A tied parameter (lm_head sharing the embeddings) is saved once, as transformers saves it; gathered
-        # FSDP shards no longer share storage, so transformers would not notice the tie by itself.
-        tied = {name for name, _ in policy.named_parameters(remove_duplicate=False)} - {name for name, _ in policy.named_parameters()}
-        weights = {name: tensor for name, tensor in weights.items() if name not in tied}
-        policy.save_pretrained(tmp, state_dict=weights, safe_serialization=True)
+        if adapter is not None:  # the adapter alone: the base model is never written
+            save_adapter(adapter, weights, tmp)
+        else:
+            # A tied parameter (lm_head sharing the embeddings) is saved once, as transformers saves it; gathered
+            # FSDP shards no longer share storage, so transformers would not notice the tie by itself.
+            tied = {name for name, _ in policy.named_parameters(remove_duplicate=False)} - {name for name, _ in policy.named_parameters()}
+            weights = {name: tensor for name, tensor in weights.items() if name not in tied}
+            policy.save_pretrained(tmp, state_dict=weights, safe_serialization=True)
         crash_point("checkpoint.tmp")
         tokenizer.save_pretrained(tmp)
         (tmp / TRAINING_STATE).mkdir()
@@ -126,7 +133,8 @@ def training_state_dir(checkpoint: Path) -> Path:
 def is_checkpoint(folder: str | Path) -> bool:
     folder = Path(folder)
     state = training_state_dir(folder)
-    return (folder / "config.json").exists() and all((state / f).exists() for f in (OPTIMIZER_TENSORS, SCHEDULER_STATE, TRAINER_STATE))
+    model = (folder / "config.json").exists() or (folder / ADAPTER_CONFIG).exists()
+    return model and all((state / f).exists() for f in (OPTIMIZER_TENSORS, SCHEDULER_STATE, TRAINER_STATE))
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -167,6 +167,14 @@ def build_parser() -> argparse.ArgumentParser:
         "Rounds done, the stage in progress or next, prompts left, time spent and left, and the last held-out "
         "numbers, from the run directory alone; works on a running run and a finished one."))
     p.add_argument("run_dir", help="the run directory")
+
+    p = verbs.add_parser("export", help="a round's policy as a plain HF model folder", description=(
+        "Write a kept round's policy to --out as a plain Hugging Face model folder (float32 safetensors, config, "
+        "tokenizer) that transformers and vLLM load; a LoRA round's adapter is merged into its base."))
+    p.add_argument("run_dir", help="the run directory")
+    p.add_argument("--round", type=int, help="which round (default: the last kept one)")
+    p.add_argument("--out", required=True, help="the folder to write (must not exist)")
+    p.add_argument("--trust-remote-code", action="store_true")
     return parser
 
 
@@ -348,7 +356,7 @@ def train_rm_verb(args, progress: bool) -> int:
 def train_verb(args, progress: bool) -> int:
     from .stages.train import read_training_records, train_round
 
-    c = _sections(args, "loss", "optim", "policy", "reference", "seed", "trust_remote_code",
+    c = _sections(args, "loss", "optim", "policy", "policy_adapter", "reference", "seed", "trust_remote_code",
                   extra={f"loss.{item.partition('=')[0]}": _yaml(item) for item in args.param})
     loss = c["loss"]
     records = read_training_records(loss.name, args.feedback)
@@ -356,7 +364,8 @@ def train_verb(args, progress: bool) -> int:
         raise NothingToDo(f"{args.feedback} holds no feedback")
     summary = train_round(records, policy=args.resume or c["policy"], reference=c["reference"] or c["policy"],
                           out_dir=args.out, resume=args.resume, loss=loss, optim=c["optim"], seed=c["seed"],
-                          round_index=args.round, trust_remote_code=c["trust_remote_code"], progress=progress)
+                          round_index=args.round, trust_remote_code=c["trust_remote_code"], progress=progress,
+                          adapter=c["policy_adapter"])
     from . import distributed
 
     if distributed.is_main():
@@ -385,6 +394,14 @@ def status_verb(args, progress: bool) -> int:
     return 0
 
 
+def export_verb(args, progress: bool) -> int:
+    from .export import export_round
+
+    round_index, out = export_round(_run_dir(args.run_dir), args.out, args.round, args.trust_remote_code)
+    print(f"wrote round {round_index}'s policy to {out}")
+    return 0
+
+
 def _run_dir(path: str) -> Path:
     if not (Path(path) / "manifest.json").exists():
         raise FileNotFoundError(f"{path}: not a run directory (no manifest.json)")
@@ -392,7 +409,8 @@ def _run_dir(path: str) -> Path:
 
 
 VERBS = {"run": run_verb, "sample": sample_verb, "label": label_verb, "feedback": feedback_verb,
-         "train-rm": train_rm_verb, "train": train_verb, "report": report_verb, "status": status_verb}
+         "train-rm": train_rm_verb, "train": train_verb, "report": report_verb, "status": status_verb,
+         "export": export_verb}
 
 
 if __name__ == "__main__":

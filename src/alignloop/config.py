@@ -295,6 +295,18 @@ class LossConfig(BaseModel):
         return dict(self.model_extra or {})
 
 
+class AdapterConfig(Strict):
+    """`policy_adapter`: train a LoRA adapter (peft) on the frozen SFT model instead of all its weights; the SFT
+    model with the adapter switched off is then the reference (`alignloop.adapters`)."""
+
+    kind: Literal["lora"] = "lora"
+    r: int = Field(default=16, gt=0)  # the rank of each low-rank update
+    alpha: float = Field(default=32.0, gt=0)  # the update is scaled by alpha / r
+    dropout: float = Field(default=0.0, ge=0, lt=1)
+    # which layers get an adapter: peft's "all-linear" (every linear layer but the output head) or module names
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+
+
 class OptimConfig(Strict):
     lr: float = Field(default=1e-4, gt=0)
     weight_decay: float = Field(default=0.0, ge=0)
@@ -363,6 +375,7 @@ class Config(Strict):
     run_dir: str = "runs/default"
     seed: int = 0
     policy: str = "smollm2-135m-instruct"  # a model folder, or the embedded default's name
+    policy_adapter: AdapterConfig | None = None  # null: train all of the policy's weights
     reference: str | None = None  # default: the policy (the SFT checkpoint)
     trust_remote_code: bool = False
     prompts: PromptSource = PromptSource()
@@ -402,6 +415,8 @@ class Config(Strict):
             if self.labeler.batch_size % self.samples_per_prompt:
                 raise ValueError("labeler.pairwise: labeler.batch_size must be a multiple of samples_per_prompt "
                                  "so that a prompt's samples are judged together")
+        if self.policy_adapter is not None and self.optim.strategy == "deepspeed":
+            raise ValueError("policy_adapter: a LoRA adapter trains under optim.strategy ddp or fsdp, not deepspeed")
         if self.guard.action != "none" and self.heldout is None:
             raise ValueError(f"guard.action '{self.guard.action}' acts on the held-out evaluation; it needs heldout prompts")
         return self

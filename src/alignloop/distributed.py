@@ -192,7 +192,9 @@ def parallelize(model: torch.nn.Module, how: str, optim) -> tuple[torch.nn.Modul
         fully_shard(model, mesh=mesh)
     # fused: one kernel over all parameters, with no temporary copies of them (the default, foreach, makes a
     # few, which set the step's peak memory)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=optim.lr, weight_decay=optim.weight_decay, fused=True)
+    # (the parameters that train: a LoRA adapter's alone, its base frozen, gets moments)
+    trained = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trained, lr=optim.lr, weight_decay=optim.weight_decay, fused=True)
     if how == "deepspeed":
         deepspeed = import_deepspeed()
         model, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(optim))

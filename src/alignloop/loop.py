@@ -377,7 +377,7 @@ def train_stage(run: Run, r: int, policy: str, reference: str, resume: Path | No
             records, policy=policy, reference=reference, out_dir=checkpoint, resume=resume,
             loss=config.loss, optim=config.optim, seed=config.seed, round_index=r,
             trust_remote_code=config.trust_remote_code, progress=progress,
-            log=lambda row: run.log({"event": "train_step", **row}, step=row["step"]),
+            log=lambda row: run.log({"event": "train_step", **row}, step=row["step"]), adapter=config.policy_adapter,
         )
         return {"input_sha256": file_sha256(train_input), "policy_in": policy, "reference": reference,
                 "resumed_from": str(resume) if resume else None,

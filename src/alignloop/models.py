@@ -76,8 +76,9 @@ def resolve_model_path(name_or_path: str) -> str:
         return str(ensure_default_policy())
     path = Path(name_or_path).expanduser()
     if path.is_dir():
-        if not (path / "config.json").exists():
-            raise ModelError(f"model path {path}: not a Hugging Face model folder (no config.json)")
+        if not (path / "config.json").exists() and not (path / "adapter_config.json").exists():
+            raise ModelError(f"model path {path}: not a Hugging Face model folder (no config.json) nor a LoRA "
+                             "adapter folder (no adapter_config.json)")
         return str(path)
     if path.exists() or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") != 1:
         raise ModelError(f"model path {name_or_path}: no such model folder")
@@ -113,12 +114,19 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def load_causal_lm(path: str, dtype: str = "float32", trust_remote_code: bool = False):
+    """A causal LM from a model folder; from a LoRA adapter folder (a round's checkpoint under
+    `policy_adapter`), its base with the adapter merged in."""
     from transformers import AutoModelForCausalLM
 
+    from .adapters import is_adapter, load_merged
+
     _quiet_transformers()
+    folder = resolve_model_path(path)
+    if is_adapter(folder):
+        return load_merged(folder, dtype, trust_remote_code)
     try:
         return AutoModelForCausalLM.from_pretrained(
-            resolve_model_path(path), dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, use_safetensors=True
+            folder, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, use_safetensors=True
         )
     except OSError as e:
         raise ModelError(f"model path {path}: cannot load a causal LM ({str(e).splitlines()[0]})") from None
@@ -145,12 +153,14 @@ def encode_response(tokenizer, text: str) -> list[int]:
 
 
 def weights_sha256(path: str) -> str:
-    """A hash of a model folder's weights and config, to record which reference a run used."""
+    """A hash of a model folder's weights and config (an adapter folder's: the adapter's), to record which
+    model a run used."""
     folder = Path(resolve_model_path(path))
     if not folder.is_dir():
         return "hub:" + str(path)
     h = hashlib.sha256()
-    for f in sorted(folder.glob("*.safetensors")) + [folder / "config.json"]:
+    config = folder / "config.json" if (folder / "config.json").exists() else folder / "adapter_config.json"
+    for f in sorted(folder.glob("*.safetensors")) + [config]:
         h.update(f.name.encode())
         with open(f, "rb") as fh:
             for block in iter(lambda: fh.read(1 << 20), b""):

@@ -17,6 +17,7 @@ The recipe, top to bottom:
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import random
 from pathlib import Path
@@ -25,10 +26,11 @@ import torch
 from tqdm import tqdm
 
 from .. import distributed
+from ..adapters import adapter_base, inner, is_adapter, trainable_policy
 from ..checkpoint import load_training_state, save_checkpoint
-from ..config import LossConfig, OptimConfig
+from ..config import AdapterConfig, LossConfig, OptimConfig
 from ..kernels import lean_layers, with_liger_kernels
-from ..models import inference_device, load_causal_lm, load_tokenizer
+from ..models import inference_device, load_causal_lm, load_tokenizer, resolve_model_path
 from ..objectives import OBJECTIVES, Example, TrainingError, TrainsOn
 from ..records import read_feedback, read_scored
 
@@ -58,28 +60,34 @@ def build_examples(records: list[dict], loss: str, tokenizer, max_length: int, s
 
 def compute_reference_logps(loss: str, examples: list[Example], reference_path: str, dtype: str, batch_size: int,
                             pad_id: int, trust_remote_code: bool, progress: bool, bf16_autocast: bool = False,
-                            liger_kernels: bool | None = False) -> None:
+                            liger_kernels: bool | None = False, adapter_off=None) -> None:
     """Fill `Example.reference_logps` with the frozen reference's log-probs, as the loss takes them, then free
     the model. The batches are shared among the processes and the results gathered on every one.
+    `adapter_off`: the policy's peft wrapper, whose base is the reference; it scores with its adapter switched
+    off, and no model is loaded.
 
     Under bf16 mixed precision the reference runs under the same autocast as the policy, and with the same
     kernels (`liger_kernels`), so that before the first update the policy/reference log-ratio is exactly zero."""
     objective = OBJECTIVES[loss]
-    model = load_causal_lm(reference_path, dtype, trust_remote_code).to(inference_device()).eval()
-    with_liger_kernels(model, liger_kernels)
+    if adapter_off is not None:
+        model, switched_off = inner(adapter_off).to(distributed.device()).eval(), adapter_off.disable_adapter()
+    else:
+        model, switched_off = load_causal_lm(reference_path, dtype, trust_remote_code).to(inference_device()).eval(), contextlib.nullcontext()
+        with_liger_kernels(model, liger_kernels)
     device = next(model.parameters()).device
     starts = range(0, len(examples), batch_size)
     mine = distributed.my_share(len(starts))
     done = []
-    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16_autocast):
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16_autocast), switched_off:
         for b in tqdm(mine, desc="reference log-probs", disable=not progress):
             done.append(objective.reference_logps(model, examples[starts[b] : starts[b] + batch_size], pad_id))
     for b, logps in enumerate(distributed.gather_shares(len(starts), done)):
         for e, row in zip(examples[starts[b] : starts[b] + batch_size], logps):
             e.reference_logps = row
-    del model
-    gc.collect()
-    return_freed_memory()
+    if adapter_off is None:
+        del model
+        gc.collect()
+        return_freed_memory()
 
 
 def loss_on_batch(loss: str, params: dict, model, batch: list[Example], pad_id: int, kl_override=None):
@@ -135,12 +143,16 @@ def warmup_then_constant(warmup_steps: int):
 
 def train_round(feedback: list[dict], *, policy: str, reference: str, out_dir: str | Path,
                 resume: str | Path | None, loss: LossConfig, optim: OptimConfig, seed: int = 0, round_index: int = 0,
-                trust_remote_code: bool = False, progress: bool = True, log=None) -> dict:
+                trust_remote_code: bool = False, progress: bool = True, log=None,
+                adapter: AdapterConfig | None = None) -> dict:
     """Train the policy on `feedback` (the records `training_input(loss.name)` names) and write the checkpoint
     to `out_dir` (atomically).
 
     `policy` is where the weights come from (the SFT model, or the previous round's checkpoint); when
     `resume` names a checkpoint folder, the optimizer, scheduler and trainer state come from it too.
+    `adapter`: train a LoRA adapter on the frozen SFT model instead of all the weights (`policy` is then the
+    SFT model or a round's adapter checkpoint); a reference that is the SFT model is the policy with its
+    adapter switched off.
     `log(dict)` receives one dict per optimizer step. Returns a summary of the round.
     """
     from accelerate.utils import set_seed
@@ -155,12 +167,17 @@ def train_round(feedback: list[dict], *, policy: str, reference: str, out_dir: s
     if not examples:
         raise TrainingError("no training examples in this round's feedback")
     show = progress and distributed.is_main()
+    wrapped = None  # the peft wrapper of an adapter policy
+    if adapter is not None:
+        base = adapter_base(policy) if is_adapter(policy) else resolve_model_path(policy)
+        wrapped = trainable_policy(policy, base, adapter, optim.dtype, trust_remote_code)
     if objective.needs_reference:
+        reference_is_base = wrapped is not None and resolve_model_path(reference) == base
         compute_reference_logps(loss.name, examples, reference, REFERENCE_DTYPE, optim.batch_size, pad_id,
                                 trust_remote_code, show, bf16_autocast=optim.mixed_precision == "bf16",
-                                liger_kernels=optim.liger_kernels)
+                                liger_kernels=optim.liger_kernels, adapter_off=wrapped if reference_is_base else None)
 
-    model = load_causal_lm(policy, optim.dtype, trust_remote_code)
+    model = inner(wrapped) if wrapped is not None else load_causal_lm(policy, optim.dtype, trust_remote_code)
     liger = with_liger_kernels(model, optim.liger_kernels)
     if not liger:
         lean_layers(model)
@@ -243,9 +260,9 @@ def train_round(feedback: list[dict], *, policy: str, reference: str, out_dir: s
         if values:
             summary[key] = sum(values) / len(values)
     state["rounds"].append({"round": round_index, **summary})
-    save_checkpoint(model, tokenizer, optimizer, scheduler, state, Path(out_dir))
+    save_checkpoint(model, tokenizer, optimizer, scheduler, state, Path(out_dir), adapter=wrapped)
     distributed.release(model)
-    del model, optimizer
+    del model, optimizer, wrapped
     gc.collect()
     return summary
 
