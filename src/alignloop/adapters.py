@@ -33,13 +33,22 @@ def is_adapter(folder: str | Path) -> bool:
     return (Path(folder) / ADAPTER_CONFIG).is_file()
 
 
-def adapter_base(folder: str | Path) -> str:
-    """The base model folder an adapter checkpoint was trained on."""
+def _adapter_config(folder: str | Path, key: str):
     path = Path(folder) / ADAPTER_CONFIG
     try:
-        base = json.loads(path.read_text())["base_model_name_or_path"]
+        return json.loads(path.read_text())[key]
     except (OSError, ValueError, KeyError) as e:
         raise AdapterError(f"{path}: not a readable adapter config ({type(e).__name__}: {e})") from None
+
+
+def adapter_rank(folder: str | Path) -> int:
+    return int(_adapter_config(folder, "r"))
+
+
+def adapter_base(folder: str | Path) -> str:
+    """The base model folder an adapter checkpoint was trained on."""
+    base = _adapter_config(folder, "base_model_name_or_path")
+    path = Path(folder) / ADAPTER_CONFIG
     if not base:
         raise AdapterError(f"{path}: base_model_name_or_path is empty; the adapter does not say which model it adapts")
     return base

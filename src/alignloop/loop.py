@@ -161,7 +161,8 @@ def run_loop(config: Config, progress: bool = True, echo=print) -> dict:
         from .trackers import check_installed
 
         check_installed(config.log_to)  # a missing tracker's package fails here, before any work
-    sampler = Sampler(config.sampler, config.seed, config.trust_remote_code)  # a vLLM that cannot run fails here
+    sampler = Sampler(config.sampler, config.seed, config.trust_remote_code,  # a vLLM that cannot run fails here
+                      lora_rank=config.policy_adapter.r if config.policy_adapter else None)
     run = Run(config, echo)
     try:
         with trainer_on(sampler.placement):

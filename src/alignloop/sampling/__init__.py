@@ -22,8 +22,11 @@ class Sampler:
     """The run's sampler. A vLLM backend that cannot run here (vLLM missing, devices that do not fit) is an
     error at construction, before any work is done."""
 
-    def __init__(self, config: SamplerConfig, seed: int, trust_remote_code: bool = False):
+    def __init__(self, config: SamplerConfig, seed: int, trust_remote_code: bool = False, lora_rank: int | None = None):
+        """`lora_rank`: the policies to sample are LoRA adapters of that rank (`policy_adapter`), which a vLLM
+        engine applies per request; HF generate loads them merged."""
         self.config = config
+        self.lora_rank = lora_rank
         self.seed = seed
         self.trust_remote_code = trust_remote_code
         self.placement: Placement | None = None
@@ -49,7 +52,7 @@ class Sampler:
         if s.backend == "hf":
             return sample_with_hf(policy, prompts, n, s, seed, self.trust_remote_code, progress, on_prompt_done)
         if self.vllm is None:
-            self.vllm = VLLMEngine(policy, s, self.seed, self.trust_remote_code, self.placement)
+            self.vllm = VLLMEngine(policy, s, self.seed, self.trust_remote_code, self.placement, self.lora_rank)
         self.vllm.load_weights(policy)
         # Under a launcher each engine (a process's own, or a tensor-parallel group's) samples a share of the
         # prompts; a prompt's seed comes from its prompt_id, so its samples do not depend on which engine made them.

@@ -21,18 +21,25 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from tqdm import tqdm
 
+from ..adapters import adapter_base, adapter_rank, is_adapter
 from ..models import encode_prompt, load_causal_lm, load_tokenizer, resolve_model_path
 from .placement import Placement, cpu_thread_binding, engine_environment, environment, usable_cores
+
+
+if TYPE_CHECKING:
+    from vllm.lora.request import LoRARequest
 
 
 class SamplerError(RuntimeError):
     """The vLLM sampler cannot go on (not installed, or its weights disagree with the trainer's)."""
 
+
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the ranks vLLM reserves room for (max_lora_rank)
 
 # Where vLLM's console output goes instead of the user's terminal (see `vllm_console_to_log`).
 VLLM_LOG = Path(tempfile.gettempdir()) / f"alignloop-vllm-{os.getpid()}.log"
@@ -113,7 +120,10 @@ class VLLMEngine:
     (see `alignloop.sampling.placement`), on devices of its own."""
 
     def __init__(self, policy: str, sampler, seed: int, trust_remote_code: bool = False,
-                 placement: Placement | None = None):
+                 placement: Placement | None = None, lora_rank: int | None = None):
+        """`lora_rank`: the policies are LoRA adapters of that rank on one base model (`policy_adapter`). The
+        engine then serves the base and applies each round's adapter per request (vLLM's LoRA support), so a
+        new round loads a few megabytes of adapter instead of the whole model."""
         if reason := vllm_missing_reason():
             raise SamplerError(reason)
         from vllm import LLM
@@ -130,6 +140,11 @@ class VLLMEngine:
             _cpu_defaults(1 if launched else sampler.tensor_parallel_size)  # the workers this process starts
         os.environ["ALIGNLOOP_RUN_PID"] = str(os.getpid())  # the engine's processes exit when this one dies
         self.policy = resolve_model_path(policy)
+        self.lora: LoRARequest | None = None  # the adapter the engine applies, None: the weights alone
+        self.adapters = 0  # adapters handed to the engine so far: each new one needs an id of its own
+        if is_adapter(self.policy):  # a resumed run, or the sample verb given a round: the engine serves the base
+            lora_rank = lora_rank or adapter_rank(self.policy)
+            self.policy = adapter_base(self.policy)
         self.tokenizer = load_tokenizer(self.policy, trust_remote_code)
         max_model_len = sampler.max_model_len
         if self.on_gpu:
@@ -146,6 +161,10 @@ class VLLMEngine:
                 max_model_len = AutoConfig.from_pretrained(self.policy, trust_remote_code=trust_remote_code).max_position_embeddings
             device = dict(kv_cache_memory_bytes=int(sampler.cpu_kv_cache_gib * (1 << 30)), enable_chunked_prefill=False,
                           max_num_batched_tokens=max(max_model_len, 4096))
+        if lora_rank is not None:
+            if lora_rank > VLLM_LORA_RANKS[-1]:
+                raise SamplerError(f"policy_adapter.r {lora_rank}: vLLM serves LoRA ranks up to {VLLM_LORA_RANKS[-1]}")
+            device.update(enable_lora=True, max_loras=1, max_lora_rank=min(r for r in VLLM_LORA_RANKS if r >= lora_rank))
         if launched:
             # The engine (or, tensor-parallel, this process's shard of it) runs in this process: vLLM joins the
             # launcher's process group and makes its groups from it. Every process of a tensor-parallel group
@@ -186,7 +205,8 @@ class VLLMEngine:
         # What `llm.generate` does, stepping the engine here so that each prompt is reported when it finishes.
         # Every request is queued before the first step, as `generate` does: the batches, and with them the
         # samples, do not depend on how fast anything else runs.
-        request_ids = self.llm.enqueue([TokensPrompt(prompt_token_ids=ids) for ids in encoded], params, use_tqdm=False)
+        request_ids = self.llm.enqueue([TokensPrompt(prompt_token_ids=ids) for ids in encoded], params,
+                                       lora_request=self.lora, use_tqdm=False)
         # enqueue gives vLLM's internal ids ("7-1a2b3c4d": the id it chose, a random suffix); outputs carry the first part
         place = {rid.split("-", 1)[0]: i for i, rid in enumerate(request_ids)}
         results: list[list[SampledOutput]] = [[] for _ in prompts]
@@ -218,8 +238,15 @@ class VLLMEngine:
 
     def load_weights(self, policy: str) -> None:
         """Swap a new checkpoint into the running engine (no restart). The checkpoint must have the engine's
-        architecture; its tokenizer is the one the run started with."""
+        architecture; its tokenizer is the one the run started with. A LoRA adapter checkpoint is not loaded
+        here: its requests carry it, and vLLM loads it with the first."""
         path = resolve_model_path(policy)
+        if self.llm.llm_engine.vllm_config.lora_config is not None:
+            if is_adapter(path):
+                if self.lora is None or self.lora.lora_path != path:
+                    self._serve_adapter(path)
+                return
+            self.lora = None  # the base itself (the SFT model)
         if path == self.policy and not self.asleep:
             return
         self.wake_up(load=False)
@@ -242,6 +269,16 @@ class VLLMEngine:
             if load:  # level-2 sleep dropped the weights: bring back the ones the engine serves
                 self.llm.collective_rpc("alignloop_reload_weights", args=(self.policy,))
                 self.llm.reset_prefix_cache()
+            if self.lora is not None:  # and its loaded adapters: a new id makes vLLM load the adapter again
+                self._serve_adapter(self.lora.lora_path)
+
+    def _serve_adapter(self, path: str) -> None:
+        """Apply the adapter in `path` to the requests from now on, under an id vLLM has not seen (vLLM caches
+        adapters by id)."""
+        from vllm.lora.request import LoRARequest
+
+        self.adapters += 1
+        self.lora = LoRARequest(f"adapter-{self.adapters}", self.adapters, path)
 
     def close(self) -> None:
         """Stop the engine (and its processes) now rather than whenever the garbage collector gets to them. An
