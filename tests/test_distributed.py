@@ -63,9 +63,30 @@ def test_two_processes_take_the_steps_of_one_process(tiny_model, tmp_path):
     assert any(not torch.equal(w1[k], w0[k]) for k in w1)  # and training did move the weights
 
 
-def assert_close_weights(a: Path, b: Path, atol: float) -> None:
-    """Weights and AdamW moments of two checkpoints agree within `atol`."""
-    for name in ("model.safetensors", "training_state/optimizer.safetensors"):
+@pytest.mark.requires(launcher_problem())
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_processes_train_the_lora_adapter_of_one_process(strategy, tiny_model, tmp_path):
+    """policy_adapter under DDP and FSDP2: the adapter (and its moments) two processes train is the one a
+    single process trains; the base's weights never enter a checkpoint."""
+    feedback = tmp_path / "feedback.jsonl"
+    feedback.write_text("".join(json.dumps(p) + "\n" for p in PAIRS))
+    two, one = tmp_path / "two", tmp_path / "one"
+    lora = ("--set", "policy_adapter.r=4", "--lr", "1e-2")
+    r2 = subprocess.run(train_cmd(torchrun(2), feedback, two, tiny_model, 4, 2, *lora, "--strategy", strategy),
+                        capture_output=True, text=True, timeout=600, env=ENV)
+    assert r2.returncode == 0, r2.stderr[-3000:]
+    r1 = subprocess.run(train_cmd([sys.executable], feedback, one, tiny_model, 4, 2, *lora), capture_output=True,
+                        text=True, timeout=600, env=ENV)
+    assert r1.returncode == 0, r1.stderr[-3000:]
+    assert not (two / "model.safetensors").exists()
+    assert_close_weights(two, one, atol=2e-6, weights="adapter_model.safetensors")
+    adapter = load_file(str(one / "adapter_model.safetensors"))
+    assert any(k.endswith("lora_B.weight") and v.abs().max() > 0 for k, v in adapter.items())  # it trained
+
+
+def assert_close_weights(a: Path, b: Path, atol: float, weights: str = "model.safetensors") -> None:
+    """Weights (`weights`: the file that holds them) and AdamW moments of two checkpoints agree within `atol`."""
+    for name in (weights, "training_state/optimizer.safetensors"):
         wa, wb = load_file(str(a / name)), load_file(str(b / name))
         assert wa.keys() == wb.keys()
         for key in wa:
