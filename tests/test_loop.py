@@ -1,6 +1,7 @@
 """The whole loop, end to end, on a tiny random model: layout, manifest, resume, and a kill -9 mid-round."""
 
 import json
+import shutil
 import os
 import signal
 import subprocess
@@ -168,6 +169,56 @@ def test_kill_9_at_each_crash_point_then_rerun_gives_the_same_records(point, cle
     result = subprocess.run(_cli(killed, tiny_model, SMALL_BATCHES), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert_same_run(killed, clean_run)
+
+
+# Chunks of 2 prompts (3 per round) sampled in batches of 1 prompt (3 sequences), so a chunk is 2 batches; label
+# chunks of 4 samples (5 per round). `sample.batch` counts: SFT eval 1-2 (6 prompts, 3 a batch), round 0 3-8.
+CHUNKED = ["chunks.sample=2", "chunks.label=4", "sampler.batch_size=3"]
+
+
+@pytest.fixture(scope="module")
+def chunked_run(tiny_model, tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("chunked") / "run"
+    subprocess.run(_cli(run_dir, tiny_model, *CHUNKED), check=True, capture_output=True)
+    return run_dir
+
+
+def chunks_done(run_dir: Path, r: int, stage: str) -> list[int]:
+    """The chunks of a stage that were made, in order, over every run of the directory (metrics.jsonl)."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [row["chunk"] for row in rows if row["event"] == "chunk_done" and row["round"] == r and row["stage"] == stage]
+
+
+@pytest.mark.parametrize("point, stage, done_before", [
+    ("sample.batch#5", "sample", [0]),  # chunk 1 of round 0's sampling half made: chunk 0 is kept, chunk 1 redone
+    ("label.chunk#2", "label", [0, 1]),  # round 0's label chunk 1 just recorded: chunks 0 and 1 are kept
+])
+def test_kill_9_in_a_stage_keeps_its_finished_chunks(point, stage, done_before, chunked_run, tiny_model, tmp_path):
+    """A stage killed part-way keeps every chunk it finished: the rerun makes only the chunk under way and the
+    rest, and ends with the records of a run never killed."""
+    killed = tmp_path / "run"
+    crashed = subprocess.run(_cli(killed, tiny_model, *CHUNKED), env={**os.environ, "ALIGNLOOP_CRASH_AT": point},
+                             capture_output=True, text=True, timeout=600)
+    assert crashed.returncode == -signal.SIGKILL, crashed.stderr[-3000:]
+    assert chunks_done(killed, 0, stage) == done_before
+    parts = sorted(p.name for p in (killed / "rounds/r000" / f"{stage}.parts").glob("*.jsonl"))
+    assert parts == [f"{k:05d}.jsonl" for k in done_before]  # on disk, recorded in the manifest
+    assert len(json.loads((killed / "manifest.json").read_text())["parts"][f"0/{stage}"]) == len(done_before)
+
+    result = subprocess.run(_cli(killed, tiny_model, *CHUNKED), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    everything = list(range(3 if stage == "sample" else 5))
+    assert chunks_done(killed, 0, stage) == everything  # each chunk made once: none of the finished ones again
+    assert_same_run(killed, chunked_run)
+    assert not list(killed.glob("rounds/*/*.parts")) and "parts" not in json.loads((killed / "manifest.json").read_text())
+
+
+def test_a_stage_in_chunks_samples_as_one_chunk_did(chunked_run, clean_run):
+    """Chunks change how a stage's work is cut, not the layout of its records: the same prompts and sample ids
+    in the same order, with the same fields, as a stage done in one piece."""
+    ours, theirs = (read_records(d / "rounds/r000/samples.jsonl") for d in (chunked_run, clean_run))
+    assert [(r["prompt_id"], r["sample_id"]) for r in ours] == [(r["prompt_id"], r["sample_id"]) for r in theirs]
+    assert [set(r) for r in ours] == [set(r) for r in theirs]
 
 
 def assert_same_run(resumed: Path, clean: Path) -> None:
@@ -445,3 +496,29 @@ def test_reference_refreshed_every_other_round_is_kept_until_replaced(tiny_model
     assert references[:2] == [tiny_model, tiny_model] and references[2].endswith("rounds/r001/checkpoint")
     assert (tmp_path / "run/rounds/r001/checkpoint/model.safetensors").exists()
     assert not (tmp_path / "run/rounds/r000/checkpoint").exists()
+
+
+def test_replay_recomputes_every_stage_of_a_round_to_the_recorded_hashes(tiny_model, tmp_path):
+    """`alignloop replay`: every stage of round 1 (its sampling policy, round 0's checkpoint, is kept) and the
+    SFT model's evaluation recomputed in a scratch folder match the manifest; a recorded input that was changed
+    makes the stage after it differ (exit 1); a deleted policy is a one-line error."""
+    run_dir = tmp_path / "run"
+    subprocess.run(_cli(run_dir, tiny_model, "keep_checkpoints=2"), check=True, capture_output=True)
+    before = record_files(run_dir)
+    replay = lambda *args: subprocess.run([sys.executable, "-m", "alignloop", "--no-progress", "replay", str(run_dir),  # noqa: E731
+                                           *args], capture_output=True, text=True, timeout=600)
+    result = replay("--round", "1", "--scratch", str(tmp_path / "scratch"))
+    assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+    lines = result.stdout.splitlines()
+    assert [line.split()[:2] for line in lines] == [[s, "match"] for s in ("sample", "label", "feedback", "train", "eval")]
+    assert replay("--round", "sft", "--scratch", str(tmp_path / "scratch2")).stdout.split()[:2] == ["eval", "match"]
+    assert record_files(run_dir) == before  # the run directory is only read
+
+    samples = run_dir / "rounds/r001/samples.jsonl"
+    samples.write_text(samples.read_text().replace('"output": "', '"output": "x', 1))
+    result = replay("--round", "1", "--stage", "label", "--scratch", str(tmp_path / "scratch3"))
+    assert result.returncode == 1 and result.stdout.split()[:2] == ["label", "DIFFERS"]
+
+    shutil.rmtree(run_dir / "rounds/r000/checkpoint")
+    result = replay("--round", "1", "--stage", "train")
+    assert result.returncode == 2 and "is gone" in result.stderr and len(result.stderr.strip().splitlines()) == 1

@@ -2,8 +2,11 @@
 
 import json
 import math
+import os
 import shutil
+import signal
 import subprocess
+import sys
 import textwrap
 
 import pytest
@@ -123,6 +126,37 @@ def test_round_two_resumes_adam_moments_and_scheduler(tiny_model, tmp_path):
     train_round(pairs(2), policy=str(r1), reference=tiny_model, out_dir=tmp_path / "r2", resume=r1, **_config(),
                 round_index=2, progress=False, log=log.append)
     assert log[0]["lr"] == pytest.approx(1e-3) and log[0]["step"] == 5
+
+
+def test_a_round_killed_mid_way_goes_on_from_its_step_checkpoint(tiny_model, tmp_path):
+    """optim.checkpoint_every: 1 and a SIGKILL after the second step's state is written; the rerun takes only
+    steps 3 and 4, from that state, and ends with the weights and moments of a round never killed (CPU,
+    float32)."""
+    feedback = tmp_path / "feedback.jsonl"
+    feedback.write_text("".join(json.dumps(p) + "\n" for p in pairs(8)))
+    killed, clean = tmp_path / "killed", tmp_path / "clean"
+    settings = _config(checkpoint_every=1)
+    cmd = [sys.executable, "-m", "alignloop", "--no-progress", "train", str(feedback), "--out", str(killed),
+           "--policy", tiny_model, "--lr", "1e-3", "--batch-size", "2", "--warmup-steps", "3", "--mixed-precision", "no",
+           "--set", "optim.checkpoint_every=1"]
+    crashed = subprocess.run(cmd, env={**os.environ, "ALIGNLOOP_CRASH_AT": "train.partial#2"}, capture_output=True,
+                             text=True, timeout=600)
+    assert crashed.returncode == -signal.SIGKILL, crashed.stderr[-3000:]
+    partial = tmp_path / "killed.partial"
+    assert not killed.exists() and json.loads((partial / "training_state/trainer_state.json").read_text())["partial"] == {
+        "round": 0, "batches_done": 2}
+
+    steps = []
+    train_round(pairs(8), policy=tiny_model, reference=tiny_model, out_dir=killed, resume=None, **settings,
+                progress=False, log=steps.append)
+    assert [row["step"] for row in steps] == [3, 4]  # the first two steps were not taken again
+    assert not partial.exists()
+    train_round(pairs(8), policy=tiny_model, reference=tiny_model, out_dir=clean, resume=None, **settings, progress=False)
+    for name in ("model.safetensors", "training_state/optimizer.safetensors"):
+        a, b = load_file(str(killed / name)), load_file(str(clean / name))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    state = json.loads((killed / "training_state/trainer_state.json").read_text())
+    assert state["global_step"] == 4 and "partial" not in state and state["rounds"][0]["steps"] == 4
 
 
 def test_training_moves_the_policy_toward_chosen(tiny_model, tmp_path):

@@ -168,6 +168,17 @@ def build_parser() -> argparse.ArgumentParser:
         "numbers, from the run directory alone; works on a running run and a finished one."))
     p.add_argument("run_dir", help="the run directory")
 
+    p = verbs.add_parser("replay", help="recompute a round's recorded stages and compare their hashes", description=(
+        "Recompute the recorded stages of one round (or one --stage) from their recorded inputs, in a scratch "
+        "folder, and say whether each output's hash matches the manifest's. The run directory is only read; a "
+        "stage whose policy checkpoint was deleted (keep_checkpoints) cannot be replayed. Exit code 1 when a "
+        "hash differs."))
+    p.add_argument("run_dir", help="the run directory")
+    p.add_argument("--round", required=True, help="a round number, or sft (the SFT model's held-out evaluation)")
+    p.add_argument("--stage", action="append", choices=["sample", "label", "feedback", "train", "eval"],
+                   help="the stage to replay (repeatable; default: every recorded stage of the round)")
+    p.add_argument("--scratch", help="where to recompute (default: a new temporary folder)")
+
     p = verbs.add_parser("export", help="a round's policy as a plain HF model folder", description=(
         "Write a kept round's policy to --out as a plain Hugging Face model folder (float32 safetensors, config, "
         "tokenizer) that transformers and vLLM load; a LoRA round's adapter is merged into its base."))
@@ -394,6 +405,19 @@ def status_verb(args, progress: bool) -> int:
     return 0
 
 
+def replay_verb(args, progress: bool) -> int:
+    from .replay import replay
+
+    results = replay(_run_dir(args.run_dir), args.round, args.stage, args.scratch, progress)
+    for r in results:
+        if "skipped" in r:
+            print(f"{r['stage']:<9} skipped in the run ({r['skipped']}): nothing to replay")
+        else:
+            print(f"{r['stage']:<9} {'match' if r['match'] else 'DIFFERS'}  recorded {str(r['recorded'])[:16]}  "
+                  f"replayed {str(r['replayed'])[:16]}  ({r['scratch']})")
+    return 0 if all(r.get("match", True) for r in results) else 1
+
+
 def export_verb(args, progress: bool) -> int:
     from .export import export_round
 
@@ -410,7 +434,7 @@ def _run_dir(path: str) -> Path:
 
 VERBS = {"run": run_verb, "sample": sample_verb, "label": label_verb, "feedback": feedback_verb,
          "train-rm": train_rm_verb, "train": train_verb, "report": report_verb, "status": status_verb,
-         "export": export_verb}
+         "export": export_verb, "replay": replay_verb}
 
 
 if __name__ == "__main__":

@@ -338,6 +338,10 @@ class OptimConfig(Strict):
     # Liger's Triton kernels (RMSNorm, rotary embedding, SwiGLU) in the policy and the reference on GPUs.
     # null: when liger-kernel is installed and training runs on a GPU; true: always (an error where it can't).
     liger_kernels: bool | None = None
+    # Every this many optimizer steps of a round, its state so far (weights, moments, scheduler, the batches
+    # done) is written beside the round's checkpoint, and a rerun after a crash goes on from it. null: none;
+    # a crash redoes the round's training.
+    checkpoint_every: int | None = Field(default=None, gt=0)
 
     @field_validator("mixed_precision", mode="before")
     @classmethod
@@ -358,6 +362,14 @@ class EvalConfig(Strict):
     # how many held-out answers (the first ones) the KL is measured on; null: all. A drift gauge needs few,
     # and each costs a forward pass of both models (on a 2-core CPU, 100 answers of SmolLM2-135M: ~23 s)
     kl_answers: int | None = Field(default=32, gt=0)
+
+
+class ChunksConfig(Strict):
+    """How finished work of a long stage is kept as it goes: each chunk's records are written, fsynced and
+    recorded in the manifest as soon as they exist, so a crash loses at most the chunk under way."""
+
+    sample: int = Field(default=256, gt=0)  # prompts per chunk of a sample stage
+    label: int = Field(default=2048, gt=0)  # samples per chunk of a label stage
 
 
 class GuardConfig(Strict):
@@ -395,6 +407,7 @@ class Config(Strict):
     loss: LossConfig = LossConfig()
     optim: OptimConfig = OptimConfig()
     keep_checkpoints: int = Field(default=1, ge=1)
+    chunks: ChunksConfig = ChunksConfig()
     eval: EvalConfig = EvalConfig()
     guard: GuardConfig = GuardConfig()
     log_to: list[Literal["tensorboard", "wandb", "trackio"]] = []  # trackers beside metrics.jsonl, each an extra

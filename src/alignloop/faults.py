@@ -5,6 +5,7 @@
 are where a crash is most likely to lose or corrupt work:
 - `checkpoint.tmp`: a checkpoint's temporary folder holds the weights, not yet the training state;
 - `sample.batch`: a batch of HF generate is done, the stage's records are not yet written;
+- `sample.chunk`, `label.chunk`: a chunk of a stage is written and recorded, the next not begun;
 - `mark_done.STAGE`: a stage's output is written, the manifest does not yet record it.
 Unset (always, outside the tests), a crash point costs one environment lookup.
 """

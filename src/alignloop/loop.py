@@ -38,7 +38,7 @@ from .sampling import Sampler
 from .sampling.placement import trainer_on
 from .stages.evaluate import check_instructions, heldout_samples, kl_along_answers
 from .stages.feedback import build_feedback
-from .stages.label import BATCHES_PER_CHUNK, label_in_processes, label_records
+from .stages.label import BATCHES_PER_CHUNK, label_counts, label_in_processes, label_records
 from .stages.sample import sample_records
 from .stages.train import has_training_signal, read_training_records, train_round, training_input
 from .stats import (instruction_accuracy, instruction_accuracy_change, length_stats, mean_reward, mean_with_interval,
@@ -49,9 +49,12 @@ from .table import round_metrics, stage_line
 class Run:
     """A run directory: its config, manifest and metrics log, and the skeleton every stage runs through."""
 
-    def __init__(self, config: Config, echo=None):
+    def __init__(self, config: Config, echo=None, home: Path | None = None):
+        """`home`: the run directory the records name policies relative to, when this one stands in for it
+        (`alignloop replay`'s scratch runs)."""
         self.config = config
         self.dir = Path(config.run_dir)
+        self.home = Path(home) if home is not None else self.dir
         self.manifest_path = self.dir / "manifest.json"
         self.echo = echo if distributed.is_main() else None  # one line per finished stage, from the main process
         self.trackers = None
@@ -99,8 +102,8 @@ class Run:
     def policy_id(self, policy: str) -> str:
         """A policy's name in records: relative to the run directory for its own checkpoints, so that
         records do not depend on where the run directory lives."""
-        path = Path(policy).resolve()
-        return str(path.relative_to(self.dir.resolve())) if path.is_relative_to(self.dir.resolve()) else policy
+        path, home = Path(policy).resolve(), self.home.resolve()
+        return str(path.relative_to(home)) if path.is_relative_to(home) else policy
 
     def round_dir(self, r: int) -> Path:
         return self.dir / "rounds" / f"r{r:03d}"
@@ -141,15 +144,57 @@ class Run:
             self.echo(stage_line(r, name, entry))
         return entry
 
+    def in_chunks(self, r: int, name: str, count: int, size: int, compute: Callable[[int, int, int], list[dict]]) -> list[dict]:
+        """The records of a long stage, made in chunks of `size` items out of `count`: `compute(k, start, end)`
+        makes chunk k's. Each chunk's records are written to `rounds/rRRR/NAME.parts/KKKKK.jsonl` (atomically,
+        fsynced) and its hash recorded in the manifest (`parts`) as soon as they exist, so a rerun reads back
+        every recorded chunk whose file is unchanged and makes only the rest: a crash loses at most the chunk
+        under way. The parts go once the stage's output is written (`once`)."""
+        key = f"{r}/{name}"
+        folder = self.round_dir(r) / f"{name}.parts"
+        records: list[dict] = []
+        for k, start in enumerate(range(0, count, size)):
+            part = folder / f"{k:05d}.jsonl"
+
+            def kept() -> list[dict] | None:
+                sha = self.manifest.get("parts", {}).get(key, {}).get(str(k))
+                return read_records(part) if sha and part.is_file() and file_sha256(part) == sha else None
+
+            chunk = distributed.on_main(kept)
+            if chunk is None:
+                chunk = compute(k, start, min(count, start + size))
+                if distributed.is_main():
+                    write_records(part, chunk)
+                    self.manifest.setdefault("parts", {}).setdefault(key, {})[str(k)] = file_sha256(part)
+                    self.save()
+                    self.log({"event": "chunk_done", "round": r, "stage": name, "chunk": k, "items": [start, min(count, start + size)]})
+                crash_point(f"{name}.chunk")
+            records += chunk
+        return records
+
+    def drop_parts(self, r: int | str, name: str) -> None:
+        """A finished stage's chunk files and their manifest entry, no longer needed."""
+        if not str(r).isdigit():  # the SFT model's evaluation: never in chunks
+            return
+        if self.manifest.get("parts", {}).pop(f"{r}/{name}", None) is not None:
+            if not self.manifest["parts"]:
+                del self.manifest["parts"]
+            self.save()
+        if distributed.is_main():
+            shutil.rmtree(self.round_dir(int(r)) / f"{name}.parts", ignore_errors=True)
+
     def once(self, r: int | str, name: str, output: Path, compute: Callable[[], dict]) -> dict:
         """The stage skeleton: the manifest entry of stage `name` of round `r` when it is done (see `done`);
         otherwise `compute()` writes `output` and returns what to record, and the stage is timed and marked
         done."""
         if entry := self.done(r, name, output):
+            self.drop_parts(r, name)  # (left behind when a crash came between the two)
             return entry
         t = time.time()
         info = compute()
-        return self.mark_done(r, name, output, {**info, "seconds": time.time() - t})
+        entry = self.mark_done(r, name, output, {**info, "seconds": time.time() - t})
+        self.drop_parts(r, name)
+        return entry
 
 
 def run_loop(config: Config, progress: bool = True, echo=print) -> dict:
@@ -291,22 +336,28 @@ def sample_stage(run: Run, r: int, prompts: list[dict], start: int, policy: str,
     judge = labeler if config.labeler.kind == "judge" and distributed.is_main() else None
 
     def compute() -> dict:
+        vllm_info = {}
+
+        def sample_chunk(k: int, begin: int, end: int) -> list[dict]:
+            chunk = sample_records(prompts[begin:end], policy, sampler, n=config.samples_per_prompt, round_index=r,
+                                   seed=chunk_seed(seed, k), generator=run.policy_id(policy), progress=progress,
+                                   on_prompt_done=prefetch.add if prefetch else None)
+            if sampler.vllm is not None and config.sampler.sync_samples and "weight_sync" not in vllm_info:
+                # a stale engine stops the run at its first chunk, before any of its samples are kept
+                vllm_info["weight_sync"] = sampler.vllm.check_sync(policy, config.sampler.sync_tolerance,
+                                                                  config.sampler.sync_samples, config.trust_remote_code)
+            return chunk
+
         with JudgePrefetch(judge) if judge else contextlib.nullcontext() as prefetch:
-            samples = sample_records(prompts, policy, sampler, n=config.samples_per_prompt, round_index=r, seed=seed,
-                                     generator=run.policy_id(policy), progress=progress,
-                                     on_prompt_done=prefetch.add if prefetch else None)
+            samples = run.in_chunks(r, "sample", len(prompts), config.chunks.sample, sample_chunk)
             sampled = time.time()
         judge_info = {}
         if prefetch:  # leaving the block waited for the answers still to come: how long the judge kept the round waiting
             judge_info["judge_prefetch"] = {**prefetch.summary(), "seconds_after_sampling": round(time.time() - sampled, 3)}
-        vllm_info = {}
         if sampler.vllm is not None:
             vllm_info["engine_workers"] = sampler.vllm.workers  # where the samples were made
             if sampler.placement is not None:
                 vllm_info["trainer"] = sampler.placement.describe()["trainer"]
-            if config.sampler.sync_samples:  # a stale engine stops the run here, before its samples are kept
-                vllm_info["weight_sync"] = sampler.vllm.check_sync(policy, config.sampler.sync_tolerance,
-                                                                  config.sampler.sync_samples, config.trust_remote_code)
         run.write_records(out, samples)
         return {"policy": policy, "prompts": len(prompts), "prompt_slice": [start, start + len(prompts)],
                 "count": len(samples), "tokens": sum(s.get("num_tokens") or 0 for s in samples), "length": length_stats(samples), "input_sha256": hashlib.sha256("".join(dumps(p) for p in prompts).encode()).hexdigest(),
@@ -320,7 +371,16 @@ def label_stage(run: Run, r: int, labeler, progress: str | None) -> dict:
     samples, out = run.round_dir(r) / "samples.jsonl", run.round_dir(r) / "scored.jsonl"
 
     def compute() -> dict:
-        scored, stats = label(run.config.labeler, read_samples(samples), labeler, progress)
+        records = read_samples(samples)
+        stats = {}
+
+        def label_chunk(k: int, begin: int, end: int) -> list[dict]:
+            scored, chunk_stats = label(run.config.labeler, records[begin:end], labeler, progress, fresh_stats=not stats)
+            stats.update(chunk_stats)  # the labeler's counters run on over the chunks this process labels
+            return scored
+
+        scored = run.in_chunks(r, "label", len(records), run.config.chunks.label, label_chunk)
+        stats.update(label_counts(scored))
         run.write_records(out, scored)
         return {"input_sha256": file_sha256(samples), **stats, "reward": mean_reward(scored),
                 "reward_ci95": reward_interval(scored)}
@@ -328,19 +388,29 @@ def label_stage(run: Run, r: int, labeler, progress: str | None) -> dict:
     return run.once(r, "label", out, compute)
 
 
-def label(labeler_config, samples: list[dict], labeler, progress: str | None) -> tuple[list[dict], dict]:
+def label(labeler_config, samples: list[dict], labeler, progress: str | None,
+          fresh_stats: bool = True) -> tuple[list[dict], dict]:
     """The scored samples, on every process, and what to record of the labeling: the labeler's name, its
-    stats (a judge counts parses, failures, tokens and cost per stage) and the counts."""
+    stats (a judge counts parses, failures, tokens and cost per stage; since this call, or, without
+    `fresh_stats`, since the last call that had it) and the counts."""
     def once() -> tuple[list[dict], dict]:
-        labeler.reset_stats()
+        if fresh_stats:
+            labeler.reset_stats()
         scored, counts = label_records(samples, labeler, BATCHES_PER_CHUNK * labeler_config.batch_size, progress)
         return scored, {"labeler": labeler.name, **labeler.stats, **counts}
 
     if not labels_in_processes(labeler_config):
         return distributed.on_main(once)
-    labeler.reset_stats()
+    if fresh_stats:
+        labeler.reset_stats()
     scored, counts = label_in_processes(samples, labeler, labeler_config.batch_size, progress)
     return scored, {"labeler": labeler.name, **labeler.stats, **counts}
+
+
+def chunk_seed(seed: int, k: int) -> int:
+    """The sampling seed of a stage's chunk k: the stage's own for the first chunk (a stage of one chunk samples
+    as it did before stages had chunks), one drawn from it for the others."""
+    return seed if k == 0 else int.from_bytes(hashlib.sha256(f"{seed}/chunk/{k}".encode()).digest()[:7], "big")
 
 
 def feedback_stage(run: Run, r: int, seed: int) -> dict:

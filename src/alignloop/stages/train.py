@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import json
 import random
+import shutil
 from pathlib import Path
 
 import torch
@@ -27,7 +29,8 @@ from tqdm import tqdm
 
 from .. import distributed
 from ..adapters import adapter_base, inner, is_adapter, trainable_policy
-from ..checkpoint import load_training_state, save_checkpoint
+from ..checkpoint import TRAINER_STATE, is_checkpoint, load_training_state, save_checkpoint, training_state_dir
+from ..faults import crash_point
 from ..config import AdapterConfig, LossConfig, OptimConfig
 from ..kernels import lean_layers, with_liger_kernels
 from ..models import inference_device, load_causal_lm, load_tokenizer, resolve_model_path
@@ -177,6 +180,15 @@ def train_round(feedback: list[dict], *, policy: str, reference: str, out_dir: s
                                 trust_remote_code, show, bf16_autocast=optim.mixed_precision == "bf16",
                                 liger_kernels=optim.liger_kernels, adapter_off=wrapped if reference_is_base else None)
 
+    # A crash part-way through this round left its state so far: go on from there.
+    partial = partial_checkpoint(out_dir)
+    done_before = distributed.on_main(lambda: batches_done(partial, round_index))
+    if done_before:
+        resume = partial
+        if wrapped is not None:
+            wrapped = trainable_policy(str(partial), base, adapter, optim.dtype, trust_remote_code)
+        else:
+            policy = str(partial)
     model = inner(wrapped) if wrapped is not None else load_causal_lm(policy, optim.dtype, trust_remote_code)
     liger = with_liger_kernels(model, optim.liger_kernels)
     if not liger:
@@ -207,10 +219,11 @@ def train_round(feedback: list[dict], *, policy: str, reference: str, out_dir: s
     world, rank = distributed.world(), distributed.rank()
     accumulation = optim.gradient_accumulation_steps
     budget = token_budget(optim.max_tokens_per_forward)
-    step_metrics: list[dict] = []
+    step_metrics: list[dict] = state.pop("round_steps", [])  # (the steps a partial state had taken)
+    state.pop("partial", None)
     accumulated: list[dict] = []
-    bar = tqdm(batches, desc=f"train r{round_index:03d}", unit="batch", disable=not show)
-    for k, batch_ids in enumerate(bar):
+    bar = tqdm(total=len(batches), initial=done_before, desc=f"train r{round_index:03d}", unit="batch", disable=not show)
+    for k, batch_ids in enumerate(batches[done_before:], start=done_before):
         part = batch_ids[rank::world]
         # The processes' gradients are averaged, so a process's mean loss weighs as its share of the batch. A
         # process left without an example (a last batch smaller than the number of processes) still takes part,
@@ -233,6 +246,7 @@ def train_round(feedback: list[dict], *, policy: str, reference: str, out_dir: s
             batch_loss += piece_loss.item()
             piece_metrics.append((metrics, len(piece)))
         accumulated.append(batch_metrics(batch_loss, weighted_mean(piece_metrics), len(part)))
+        bar.update(1)
         if steps_now:
             grad_norm = distributed.step(model, optimizer, optim.max_grad_norm)  # clipped, stepped, cleared
             scheduler.step()
@@ -247,7 +261,13 @@ def train_round(feedback: list[dict], *, policy: str, reference: str, out_dir: s
             bar.set_postfix(loss=f"{row['loss']:.4f}")
             if log is not None and distributed.is_main():
                 log(row)
+            if optim.checkpoint_every and len(step_metrics) % optim.checkpoint_every == 0 and k < len(batches) - 1:
+                save_checkpoint(model, tokenizer, optimizer, scheduler,
+                                {**state, "partial": {"round": round_index, "batches_done": k + 1}, "round_steps": step_metrics},
+                                partial, adapter=wrapped)
+                crash_point("train.partial")
 
+    bar.close()
     summary = {
         "examples": len(examples), "steps": len(step_metrics), "global_step": state["global_step"],
         "processes": world, "strategy": how, "liger_kernels": liger,
@@ -261,10 +281,26 @@ def train_round(feedback: list[dict], *, policy: str, reference: str, out_dir: s
             summary[key] = sum(values) / len(values)
     state["rounds"].append({"round": round_index, **summary})
     save_checkpoint(model, tokenizer, optimizer, scheduler, state, Path(out_dir), adapter=wrapped)
+    if distributed.is_main():
+        shutil.rmtree(partial, ignore_errors=True)
     distributed.release(model)
     del model, optimizer, wrapped
     gc.collect()
     return summary
+
+
+def partial_checkpoint(out_dir: str | Path) -> Path:
+    """Where a round's training keeps its state so far (`optim.checkpoint_every`): beside its checkpoint."""
+    return Path(out_dir).with_name(Path(out_dir).name + ".partial")
+
+
+def batches_done(partial: Path, round_index: int) -> int:
+    """How many of this round's micro-batches the state in `partial` has trained on; 0 when there is none (or it
+    is another round's)."""
+    if not is_checkpoint(partial):
+        return 0
+    state = json.loads((training_state_dir(partial) / TRAINER_STATE).read_text()).get("partial") or {}
+    return state.get("batches_done", 0) if state.get("round") == round_index else 0
 
 
 def return_freed_memory() -> None:
