@@ -18,7 +18,6 @@ from alignloop.models import load_causal_lm, load_tokenizer, weights_sha256
 from alignloop.stages.train import build_examples, compute_reference_logps, train_round
 from test_train import pairs
 
-
 LORA = AdapterConfig(r=4, alpha=8)
 
 
@@ -113,7 +112,7 @@ def test_a_lora_run_samples_with_its_adapter_and_exports(tiny_model, tmp_path):
     run_dir = tmp_path / "run"
     before = weights_sha256(tiny_model)
     overrides = tiny_run_overrides(run_dir, tiny_model) + ["policy_adapter.r=4", "policy_adapter.alpha=8"]
-    cmd = [sys.executable, "-m", "alignloop.cli", "run", *sum((["--set", o] for o in overrides), [])]
+    cmd = [sys.executable, "-m", "alignloop.cli", "run", *(a for o in overrides for a in ("--set", o))]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     manifest = json.loads((run_dir / "manifest.json").read_text())

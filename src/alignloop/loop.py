@@ -155,12 +155,7 @@ class Run:
         records: list[dict] = []
         for k, start in enumerate(range(0, count, size)):
             part = folder / f"{k:05d}.jsonl"
-
-            def kept() -> list[dict] | None:
-                sha = self.manifest.get("parts", {}).get(key, {}).get(str(k))
-                return read_records(part) if sha and part.is_file() and file_sha256(part) == sha else None
-
-            chunk = distributed.on_main(kept)
+            chunk = distributed.on_main(lambda k=k, part=part: self._kept_chunk(key, k, part))
             if chunk is None:
                 chunk = compute(k, start, min(count, start + size))
                 if distributed.is_main():
@@ -171,6 +166,11 @@ class Run:
                 crash_point(f"{name}.chunk")
             records += chunk
         return records
+
+    def _kept_chunk(self, key: str, k: int, part: Path) -> list[dict] | None:
+        """Chunk k's records when its file is there with the hash the manifest recorded for it."""
+        sha = self.manifest.get("parts", {}).get(key, {}).get(str(k))
+        return read_records(part) if sha and part.is_file() and file_sha256(part) == sha else None
 
     def drop_parts(self, r: int | str, name: str) -> None:
         """A finished stage's chunk files and their manifest entry, no longer needed."""

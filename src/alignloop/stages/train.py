@@ -30,8 +30,8 @@ from tqdm import tqdm
 from .. import distributed
 from ..adapters import adapter_base, inner, is_adapter, trainable_policy
 from ..checkpoint import TRAINER_STATE, is_checkpoint, load_training_state, save_checkpoint, training_state_dir
-from ..faults import crash_point
 from ..config import AdapterConfig, LossConfig, OptimConfig
+from ..faults import crash_point
 from ..kernels import lean_layers, with_liger_kernels
 from ..models import inference_device, load_causal_lm, load_tokenizer, resolve_model_path
 from ..objectives import OBJECTIVES, Example, TrainingError, TrainsOn
