@@ -522,3 +522,62 @@ def test_replay_recomputes_every_stage_of_a_round_to_the_recorded_hashes(tiny_mo
     shutil.rmtree(run_dir / "rounds/r000/checkpoint")
     result = replay("--round", "1", "--stage", "train")
     assert result.returncode == 2 and "is gone" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def _file_size_limit(limit: int):
+    """A preexec_fn: every file the run writes is cut at `limit` bytes and the write fails with EFBIG (Python
+    ignores SIGXFSZ), as on a full disk."""
+    import resource
+
+    return lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+
+@pytest.mark.parametrize("limit, stage", [(8_000, None), (1_000_000, "train")])
+def test_a_full_disk_stops_with_one_line_and_the_same_command_goes_on(limit, stage, clean_run, tiny_model, tmp_path):
+    """Files cut at 8 kB (a record file is the first to fail) or 1 MB (the first checkpoint, 6 MB of tiny
+    weights): a one-line error naming the file, a non-zero exit, every finished stage and the manifest intact;
+    the same command, with room again, ends with the records of a run that never ran out."""
+    killed = tmp_path / "run"
+    full = subprocess.run(_cli(killed, tiny_model, SMALL_BATCHES), capture_output=True, text=True, timeout=600,
+                          preexec_fn=_file_size_limit(limit))
+    assert full.returncode == 1, full.stderr[-3000:]
+    error = full.stderr.strip().splitlines()
+    assert len(error) == 1 and str(killed) in error[0] and "File too large" in error[0], full.stderr[-3000:]
+    manifest = json.loads((killed / "manifest.json").read_text())  # intact: it parses, and what it records is there
+    for r, stages in manifest["rounds"].items():
+        for name, entry in stages.items():
+            if "sha256" in entry:
+                assert (killed / entry["output"]).is_file(), (r, name)
+    if stage == "train":
+        assert "train" not in manifest["rounds"]["0"] and "feedback" in manifest["rounds"]["0"]
+        assert not (killed / "rounds/r000/checkpoint.tmp").exists()  # nothing half-written left
+
+    again = subprocess.run(_cli(killed, tiny_model, SMALL_BATCHES), capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert_same_run(killed, clean_run)
+    for line in (killed / "metrics.jsonl").read_text().splitlines():  # a line the full disk tore was cut off
+        json.loads(line)
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("chattr"), reason="needs root's chattr to make a folder read-only")
+def test_a_read_only_round_folder_stops_with_one_line_and_the_same_command_goes_on(clean_run, tiny_model, tmp_path):
+    """Round 0's folder made immutable (chattr +i: read-only even for root, whom permissions do not stop) before
+    the run: the SFT evaluation finishes and is kept, round 0's sampling fails naming the folder; writable
+    again, the same command finishes with the records of a run never stopped."""
+    killed = tmp_path / "run"
+    folder = killed / "rounds" / "r000"
+    folder.mkdir(parents=True)
+    subprocess.run(["chattr", "+i", str(folder)], check=True)
+    try:
+        failed = subprocess.run(_cli(killed, tiny_model, SMALL_BATCHES), capture_output=True, text=True, timeout=600)
+    finally:
+        subprocess.run(["chattr", "-i", str(folder)], check=True)
+    assert failed.returncode == 1, failed.stderr[-3000:]
+    error = failed.stderr.strip().splitlines()
+    assert len(error) == 1 and str(folder) in error[0] and "not permitted" in error[0], failed.stderr[-3000:]
+    assert list(json.loads((killed / "manifest.json").read_text())["rounds"]) == ["sft"]
+    assert (killed / "eval/sft_heldout.jsonl").is_file()
+
+    again = subprocess.run(_cli(killed, tiny_model, SMALL_BATCHES), capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert_same_run(killed, clean_run)

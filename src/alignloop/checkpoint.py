@@ -22,6 +22,7 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -32,7 +33,7 @@ from torch.distributed.checkpoint.state_dict import (
 from . import distributed
 from .adapters import ADAPTER_CONFIG, save_adapter
 from .faults import crash_point
-from .records import write_json
+from .records import StorageError, storage_error, write_json
 
 TRAINING_STATE = "training_state"  # the subfolder of a checkpoint that holds the files below
 OPTIMIZER_TENSORS = "optimizer.safetensors"
@@ -102,26 +103,52 @@ def save_checkpoint(model, tokenizer, optimizer, scheduler, state: dict, out_dir
     if distributed.is_main():
         tmp = out_dir.with_name(out_dir.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        policy = distributed.unwrap(model)
-        policy.config.use_cache = True
-        if adapter is not None:  # the adapter alone: the base model is never written
-            save_adapter(adapter, weights, tmp)
-        else:
-            # A tied parameter (lm_head sharing the embeddings) is saved once, as transformers saves it; gathered
-            # FSDP shards no longer share storage, so transformers would not notice the tie by itself.
-            tied = {name for name, _ in policy.named_parameters(remove_duplicate=False)} - {name for name, _ in policy.named_parameters()}
-            weights = {name: tensor for name, tensor in weights.items() if name not in tied}
-            policy.save_pretrained(tmp, state_dict=weights, safe_serialization=True)
-        crash_point("checkpoint.tmp")
-        tokenizer.save_pretrained(tmp)
-        (tmp / TRAINING_STATE).mkdir()
-        save_optimizer(moments, tmp / TRAINING_STATE)
-        write_json(tmp / TRAINING_STATE / SCHEDULER_STATE, scheduler.state_dict())
-        write_json(tmp / TRAINING_STATE / TRAINER_STATE, state)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
+        try:
+            _write_checkpoint(model, tokenizer, scheduler, state, out_dir, tmp, weights, moments, adapter)
+        except (OSError, SafetensorError, StorageError) as e:  # a full disk, a file-size limit, a read-only folder:
+            shutil.rmtree(tmp, ignore_errors=True)                # no half-written checkpoint stays
+            if isinstance(e, StorageError):
+                raise
+            raise storage_error(tmp, e) from e
     distributed.barrier()
+
+
+def _write_checkpoint(model, tokenizer, scheduler, state: dict, out_dir: Path, tmp: Path, weights: dict, moments: dict,
+                      adapter) -> None:
+    """`save_checkpoint`'s writing, on the main process: the gathered state into `tmp`, renamed to `out_dir`. A
+    checkpoint that cannot fit the free space is not begun."""
+    needed = _tensor_bytes(moments.get("state", {}))
+    needed += needed // 2 if adapter is not None else _tensor_bytes(weights)  # an adapter: its weights, half its moments
+    free = shutil.disk_usage(out_dir.parent if out_dir.parent.exists() else Path.cwd()).free
+    if needed > free:
+        raise StorageError(f"{out_dir}: a checkpoint needs about {needed / 2**30:.2f} GiB and {free / 2**30:.2f} GiB "
+                           "is free there; free space, then run the same command again")
+    policy = distributed.unwrap(model)
+    policy.config.use_cache = True
+    if adapter is not None:  # the adapter alone: the base model is never written
+        save_adapter(adapter, weights, tmp)
+    else:
+        # A tied parameter (lm_head sharing the embeddings) is saved once, as transformers saves it; gathered
+        # FSDP shards no longer share storage, so transformers would not notice the tie by itself.
+        tied = {name for name, _ in policy.named_parameters(remove_duplicate=False)} - {name for name, _ in policy.named_parameters()}
+        weights = {name: tensor for name, tensor in weights.items() if name not in tied}
+        policy.save_pretrained(tmp, state_dict=weights, safe_serialization=True)
+    crash_point("checkpoint.tmp")
+    tokenizer.save_pretrained(tmp)
+    (tmp / TRAINING_STATE).mkdir()
+    save_optimizer(moments, tmp / TRAINING_STATE)
+    write_json(tmp / TRAINING_STATE / SCHEDULER_STATE, scheduler.state_dict())
+    write_json(tmp / TRAINING_STATE / TRAINER_STATE, state)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)
+
+
+def _tensor_bytes(tree) -> int:
+    """The bytes of every tensor in a state dict (nested dicts of tensors)."""
+    if torch.is_tensor(tree):
+        return tree.numel() * tree.element_size()
+    return sum(_tensor_bytes(v) for v in tree.values()) if isinstance(tree, dict) else 0
 
 
 def training_state_dir(checkpoint: Path) -> Path:

@@ -226,9 +226,10 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(e, (ConfigError, RecordError, ModelError, TrainingError, ValueError, FileNotFoundError)):
             print(f"alignloop: error: {message}", file=sys.stderr)
             return EXIT_BAD_INPUT
+        from .records import StorageError
         from .sampling import SamplerError
 
-        if isinstance(e, SamplerError):
+        if isinstance(e, (SamplerError, StorageError)):
             print(f"alignloop: error: {message}", file=sys.stderr)
             return 1
         print(f"alignloop: error: {type(e).__name__}: {message} (ALIGNLOOP_DEBUG=1 shows the traceback)", file=sys.stderr)

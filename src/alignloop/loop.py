@@ -31,7 +31,7 @@ from .config import Config, ConfigError, config_difference, dump_config, keep_sa
 from .faults import crash_point
 from .models import resolve_model_path, weights_sha256
 from .prompts.sources import load_prompts
-from .records import atomic_write_text, dumps, file_sha256, read_records, read_samples, write_json, write_records
+from .records import append_line, atomic_write_text, dumps, file_sha256, read_records, read_samples, write_json, write_records
 from .rewards import make_labeler
 from .rewards.judge import JudgePrefetch
 from .sampling import Sampler
@@ -89,8 +89,7 @@ class Run:
         """An event in metrics.jsonl; with `step` (the optimizer's global step), its numbers also go to the
         trackers (`log_to`), under the same names."""
         if distributed.is_main():
-            with open(self.dir / "metrics.jsonl", "a", encoding="utf-8") as f:
-                f.write(dumps({"time": time.time(), **event}) + "\n")
+            append_line(self.dir / "metrics.jsonl", dumps({"time": time.time(), **event}))
             if step is not None and self.trackers is not None:
                 self.trackers.log({k: v for k, v in event.items() if k != "event"}, step)
 

@@ -21,6 +21,18 @@ class RecordError(ValueError):
     """Bad input: the message names the file, the line and the field."""
 
 
+class StorageError(RuntimeError):
+    """A file that cannot be written (a full disk, a file-size limit, a read-only directory); the message names
+    it. Whatever was written before is intact, and the same command goes on once the cause is gone."""
+
+
+def storage_error(path: str | Path, e: Exception) -> StorageError:
+    """The one-line error for a write to `path` that failed with `e` (an OSError, or safetensors' own error,
+    which wraps the OS's)."""
+    return StorageError(f"{path}: cannot write: {getattr(e, 'strerror', None) or e}; free space or make it "
+                        "writable, then run the same command again")
+
+
 def where(path: str | Path, line: int | None) -> str:
     return f"{path}:{line}" if line is not None else str(path)
 
@@ -312,8 +324,11 @@ def dumps(record: dict) -> str:
 
 def atomic_write_text(path: str | Path, text: str) -> None:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        raise storage_error(path, e) from e
     try:
         umask = os.umask(0)
         os.umask(umask)
@@ -323,9 +338,29 @@ def atomic_write_text(path: str | Path, text: str) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise storage_error(path, e) from e
         raise
+
+
+def append_line(path: str | Path, line: str) -> None:
+    """One line at the end of a log file (metrics.jsonl). A write the disk cut short leaves a torn last line,
+    which the next append (a rerun's) cuts off first, so the file stays one JSON object per line."""
+    path = Path(path)
+    try:
+        with open(path, "a+b") as f:
+            end = f.seek(0, os.SEEK_END)
+            if end:
+                f.seek(max(0, end - (1 << 16)))
+                tail = f.read()
+                if not tail.endswith(b"\n"):
+                    keep = tail.rfind(b"\n") + 1
+                    f.truncate(end - len(tail) + keep if keep or end <= len(tail) else end)
+            f.write(line.encode("utf-8") + b"\n")
+    except OSError as e:
+        raise storage_error(path, e) from e
 
 
 def write_records(path: str | Path, records: Iterable[dict]) -> int:
