@@ -247,6 +247,48 @@ def test_length_ratio_in_random_mode_drops_pairs_of_unlike_length():
         assert len(kept) == 1
 
 
+def test_length_balance_switches_the_prompts_that_lose_least_then_drops_pairs():
+    # Each prompt's best (max) pair has the longer answer better:
+    #   p1: FOUR at lengths 100, 100, 25, 60: 1>2 (gap 0.75); on the other side only 3>0 (0.125): loses 0.625
+    #   p2: 0>1 (gap 1.0, 50 vs 10 chars); 2>1 and 0>2 are longer-better too: cannot switch
+    #   p3: 1>0 (gap 1.0, 40 vs 10); the other side's best is 2>0 (0.75, 5 vs 10): loses 0.25
+    #   p4: 1>0 (gap 1.0, 20 vs 10): cannot switch
+    p1 = sized("p1", FOUR, [100, 100, 25, 60])
+    p2 = sized("p2", [1.0, 0.0, 0.5], [50, 10, 30])
+    p3 = sized("p3", [0.0, 1.0, 0.75], [10, 40, 5])
+    p4 = sized("p4", [0.0, 1.0], [10, 20])
+    winners = lambda pairs: {p["prompt_id"]: oriented(p)[:2] for p in pairs}  # noqa: E731
+    assert winners(pairwise_feedback(p1 + p2 + p3 + p4, mode="max")) == {"p1": (1, 2), "p2": (0, 1), "p3": (1, 0), "p4": (1, 0)}
+    # 4 longer-better against 0: p3 switches first (loses 0.25), then p1 (0.625): 2 against 2
+    balanced = pairwise_feedback(p1 + p2 + p3 + p4, mode="max", length_balance=True)
+    assert winners(balanced) == {"p1": (3, 0), "p2": (0, 1), "p3": (2, 0), "p4": (1, 0)}
+    from alignloop.stats import chosen_longer
+
+    assert chosen_longer(balanced) == 0.5
+    # 3 against 0: one switch (p3) leaves 2 against 1, close enough
+    assert winners(pairwise_feedback(p1 + p2 + p3, mode="max", length_balance=True)) == {"p1": (1, 2), "p2": (0, 1), "p3": (2, 0)}
+    # nobody can switch: 2 against 0, and one pair of the least gap (a tie: the first prompt's) goes
+    assert winners(pairwise_feedback(p2 + p4, mode="max", length_balance=True)) == {"p4": (1, 0)}
+    assert pairwise_feedback(p1, mode="max", length_balance=True) == pairwise_feedback(p1, mode="max")  # 1 against 0
+    with pytest.raises(ValueError, match="length_balance"):
+        pairwise_feedback(p1, mode="random", length_balance=True)
+
+
+def test_length_balance_leaves_no_net_length_signal_in_a_round():
+    """A reward that favours short answers, with noise: without the balance most pairs teach "shorter is
+    better"; with it the better answer is the longer in half the pairs, and most prompts keep a pair."""
+    from alignloop.stats import chosen_longer
+
+    rng = random.Random(0)
+    samples = []
+    for p in range(200):
+        lengths = [rng.randint(20, 400) for _ in range(4)]
+        samples += sized(f"p{p}", [rng.random() - n / 400 for n in lengths], lengths)
+    assert chosen_longer(pairwise_feedback(samples, mode="max")) < 0.3
+    balanced = pairwise_feedback(samples, mode="max", length_balance=True)
+    assert abs(chosen_longer(balanced) - 0.5) <= 0.5 / len(balanced) and len(balanced) > 150
+
+
 def test_truncation_penalty_lowers_cut_answers_before_pairing():
     # sample 1 (0.75) was cut at the cap: with a penalty of 0.5 it counts 0.25, so the best is now 3 (0.625)
     samples = sized("p1", FOUR, [10, 10, 10, 10], cut={1})

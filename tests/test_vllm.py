@@ -261,6 +261,23 @@ def test_a_lora_loop_samples_each_round_with_its_adapter(tmp_path, models, monke
     run = tmp_path / "run"
     assert answers(run / "rounds" / "r001" / "heldout.jsonl") != answers(run / "eval" / "sft_heldout.jsonl")
 
+    # `alignloop export` of the last round: a plain model folder that vLLM serves like any model, computing what
+    # the trainer's merged policy computes (the weight-sync check against the exported folder and the checkpoint)
+    from alignloop.config import VLLMSamplerConfig
+    from alignloop.sampling.vllm_engine import VLLMEngine, check_weight_sync
+
+    exported = tmp_path / "exported"
+    done = subprocess.run([sys.executable, "-m", "alignloop.cli", "export", str(run), "--out", str(exported)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and not (exported / "adapter_config.json").exists(), done.stderr[-2000:]
+    engine = VLLMEngine(str(exported), VLLMSamplerConfig(dtype="float32", max_model_len=512, cpu_kv_cache_gib=0.5), seed=0)
+    try:
+        engine.generate(PROMPTS, 2, 1.0, 1.0, 10, [], seed=5)
+        assert check_weight_sync(engine.last_outputs, str(exported), tolerance=1e-3)["mean_abs_diff"] < 1e-3
+        assert check_weight_sync(engine.last_outputs, str(run / "rounds" / "r001" / "checkpoint"), tolerance=1e-3)
+    finally:
+        engine.close()
+
 
 @needs_vllm
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two cores")

@@ -12,6 +12,7 @@ file, line and field; 3 nothing to do (no prompts / no feedback); 1 any other fa
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 from pathlib import Path
@@ -114,6 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
              help="pairwise: keep a pair only when the shorter answer has at least this fraction of the longer's characters")
     _setting(p, "--truncation-penalty", "feedback.truncation_penalty", type=float,
              help="taken off the reward of an answer cut at the sampler's cap")
+    _setting(p, "--length-balance", "feedback.length_balance", action="store_const", const=True,
+             help="pairwise: each prompt's pair, by a coin, one whose better answer is the longer or the shorter")
     _setting(p, "--seed", "seed", type=int)
 
     p = verbs.add_parser("train-rm", help="train a Bradley-Terry reward model on pairwise feedback", description=(
@@ -196,6 +199,10 @@ def _number_or_word(text: str):
         return text
 
 
+# A full disk, a quota, a file-size limit, a read-only file system: said as the one-line StorageError
+STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.verbose:  # read where the libraries are quieted (`models.quiet_libraries`, the vLLM sampler)
@@ -226,9 +233,12 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(e, (ConfigError, RecordError, ModelError, TrainingError, ValueError, FileNotFoundError)):
             print(f"alignloop: error: {message}", file=sys.stderr)
             return EXIT_BAD_INPUT
-        from .records import StorageError
+        from .records import StorageError, storage_error
         from .sampling import SamplerError
 
+        if isinstance(e, OSError) and e.errno in STORAGE_ERRNOS and e.filename:  # a write no stage wrapped
+            e = storage_error(e.filename, e)
+            message = str(e)
         if isinstance(e, (SamplerError, StorageError)):
             print(f"alignloop: error: {message}", file=sys.stderr)
             return 1
@@ -343,7 +353,7 @@ def feedback_verb(args, progress: bool) -> int:
     c = _sections(args, "feedback", "seed")
     fb = c["feedback"]
     counts = feedback_stage(args.scored, args.out, fb.type, fb.mode, fb.threshold, c["seed"], fb.length_ratio,
-                            fb.truncation_penalty)
+                            fb.truncation_penalty, fb.length_balance)
     print(f"wrote feedback to {args.out}: {counts}")
     return 0
 

@@ -259,6 +259,8 @@ class FeedbackConfig(Strict):
     # the longer one's characters (null: any), and a penalty off the reward of an answer cut at the cap
     length_ratio: float | None = Field(default=0.5, gt=0, le=1)
     truncation_penalty: float = Field(default=1.0, ge=0)
+    # and each prompt's pair drawn, by a coin, among those whose better answer is the longer or the shorter
+    length_balance: bool = False
 
     @model_validator(mode="after")
     def _threshold_fits(self):
@@ -266,6 +268,8 @@ class FeedbackConfig(Strict):
             raise ValueError("threshold 'mean'/'median' is for type 'binary'; pairwise takes a number >= 0")
         if self.type == "pairwise" and self.threshold < 0:
             raise ValueError("threshold must be >= 0 for pairwise feedback")
+        if self.length_balance and (self.type != "pairwise" or self.mode == "random"):
+            raise ValueError("length_balance takes pairwise feedback with mode max or min")
         return self
 
 

@@ -41,8 +41,8 @@ from .stages.feedback import build_feedback
 from .stages.label import BATCHES_PER_CHUNK, label_counts, label_in_processes, label_records
 from .stages.sample import sample_records
 from .stages.train import has_training_signal, read_training_records, train_round, training_input
-from .stats import (instruction_accuracy, instruction_accuracy_change, length_stats, mean_reward, mean_with_interval,
-                    pair_margin, paired_difference, reward_interval, win_rate)
+from .stats import (chosen_longer, instruction_accuracy, instruction_accuracy_change, length_stats, mean_reward,
+                    mean_with_interval, pair_margin, paired_difference, reward_interval, win_rate)
 from .table import round_metrics, stage_line
 
 
@@ -419,11 +419,13 @@ def feedback_stage(run: Run, r: int, seed: int) -> dict:
 
     def compute() -> dict:
         records = read_records(scored)
-        feedback = build_feedback(records, fb.type, fb.mode, fb.threshold, seed, fb.length_ratio, fb.truncation_penalty)
+        feedback = build_feedback(records, fb.type, fb.mode, fb.threshold, seed, fb.length_ratio, fb.truncation_penalty,
+                                  fb.length_balance)
         write_records(out, feedback)
         return {"input_sha256": file_sha256(scored), "type": fb.type, "mode": fb.mode, "threshold": fb.threshold,
-                "length_ratio": fb.length_ratio, "truncation_penalty": fb.truncation_penalty, "count": len(feedback),
-                "margin": pair_margin(feedback), "seed": seed}
+                "length_ratio": fb.length_ratio, "truncation_penalty": fb.truncation_penalty,
+                "length_balance": fb.length_balance, "count": len(feedback), "margin": pair_margin(feedback),
+                "chosen_longer": chosen_longer(feedback), "seed": seed}
 
     return run.once(r, "feedback", out, lambda: distributed.on_main(compute))
 

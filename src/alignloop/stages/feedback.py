@@ -22,6 +22,14 @@ phrase; a short one breaks fewer rules) and the policy then learns to stop early
   records carry the penalised reward, the one their label was decided by.
 - `length_ratio` keeps a pair only when the shorter answer has at least that fraction of the longer one's
   characters, so the pair teaches what differs besides length.
+- `length_balance` takes the length signal out of the round's pairs as a whole: the better answer is the
+  longer (in characters) in as many pairs as it is the shorter, however much the reward favours one length, so
+  that a policy trained on the pairs' differences is not taught a length. Each prompt's pair is first chosen as
+  usual; while one side outnumbers the other, a prompt of that side switches to its best pair of the other side
+  (those losing the least gap first; for mode min, gaining the least), and when no prompt can switch, the
+  side's pairs of least gap (min: of most gap) are dropped, until the sides differ by at most one pair. Pairs
+  of equal lengths count for neither side. This is the one rule under which a prompt's pair depends on
+  the other prompts of the round (which the feedback stage always sees whole).
 """
 
 from __future__ import annotations
@@ -44,24 +52,57 @@ FEEDBACK_KINDS = ("pairwise", "binary")
 
 
 def pairwise_feedback(scored: list[dict], mode: str = "max", threshold: float = 0.0, seed: int = 0,
-                      length_ratio: float | None = None, truncation_penalty: float = 0.0) -> list[dict]:
+                      length_ratio: float | None = None, truncation_penalty: float = 0.0,
+                      length_balance: bool = False) -> list[dict]:
     """Pairwise feedback records from scored samples, at most one pair per prompt (max, min) or n//2 (random).
 
     Prompts come out in the order they first appear; within a prompt, samples are taken in sample_id order
-    (file order for samples without one), which is what makes ties deterministic. `length_ratio` and
-    `truncation_penalty`: see the module docstring.
+    (file order for samples without one), which is what makes ties deterministic. `length_ratio`,
+    `truncation_penalty` and `length_balance` (max and min only): see the module docstring.
     """
-    if mode not in PAIRWISE_MODES:
-        raise ValueError(f"unknown pairwise mode {mode!r}; valid modes: {', '.join(PAIRWISE_MODES)}")
+    _check_pairwise(mode, threshold, length_ratio, length_balance)
     threshold = _pairwise_threshold(threshold)
-    _check_length_ratio(length_ratio)
 
-    feedback = []
-    for prompt_id, group in _group_by_prompt(penalise_truncated(scored, truncation_penalty)).items():
-        rng = random.Random(f"{seed}:{prompt_id}")
-        for better, worse in _choose_pairs(group, mode, threshold, rng, length_ratio):
-            feedback.append(_pair_record(prompt_id, better, worse, rng))
-    return feedback
+    groups = _group_by_prompt(penalise_truncated(scored, truncation_penalty))
+    rngs = {prompt_id: random.Random(f"{seed}:{prompt_id}") for prompt_id in groups}
+    chosen = {prompt_id: _choose_pairs(group, mode, threshold, rngs[prompt_id], length_ratio)
+              for prompt_id, group in groups.items()}
+    if length_balance:
+        chosen = _balance_lengths(chosen, groups, mode, threshold, length_ratio)
+    return [_pair_record(prompt_id, better, worse, rngs[prompt_id])
+            for prompt_id, pairs in chosen.items() for better, worse in pairs]
+
+
+def _balance_lengths(chosen: dict[str, list[tuple[dict, dict]]], groups: dict[str, list[dict]], mode: str,
+                     threshold: float, length_ratio: float | None) -> dict[str, list[tuple[dict, dict]]]:
+    """`length_balance` (module docstring) on one pair per prompt (max, min): as many pairs whose better answer
+    is the longer as pairs whose better answer is the shorter."""
+    chosen = dict(chosen)
+    sign = 1 if mode == "max" else -1
+    worth = lambda pair: sign * abs(pair[0]["reward"] - pair[1]["reward"])  # what the mode maximises  # noqa: E731
+
+    def excess() -> int:
+        """Pairs of the longer-is-better side less pairs of the other."""
+        sides = [longer_is_better(*pairs[0]) for pairs in chosen.values() if pairs]
+        return sum(side is True for side in sides) - sum(side is False for side in sides)
+
+    if abs(excess()) <= 1:
+        return chosen
+    many = excess() > 0  # the side in excess: True, the longer answers win too often
+    switches = []
+    for pid, pairs in chosen.items():
+        if pairs and longer_is_better(*pairs[0]) is many:
+            other = _choose_pairs(groups[pid], mode, threshold, random.Random(0), length_ratio, side=not many)
+            if other:  # (the RNG is only random mode's)
+                switches.append((worth(pairs[0]) - worth(other[0]), pid, other))
+    for _, pid, other in sorted(switches, key=lambda s: s[0]):  # stable: ties in prompt order
+        if abs(excess()) <= 1:
+            break
+        chosen[pid] = other
+    kept = [pid for pid, pairs in chosen.items() if pairs and longer_is_better(*pairs[0]) is many]
+    for pid in sorted(kept, key=lambda pid: worth(chosen[pid][0]))[:max(0, abs(excess()) - 1)]:
+        chosen[pid] = []
+    return chosen
 
 
 def penalise_truncated(scored: list[dict], penalty: float) -> list[dict]:
@@ -81,9 +122,22 @@ def similar_length(a: dict, b: dict, ratio: float | None) -> bool:
     return shorter >= ratio * longer
 
 
-def _check_length_ratio(length_ratio: float | None) -> None:
+def _check_pairwise(mode: str, threshold: Any, length_ratio: float | None, length_balance: bool) -> None:
+    """Pairwise settings checked before any input is read."""
+    if mode not in PAIRWISE_MODES:
+        raise ValueError(f"unknown pairwise mode {mode!r}; valid modes: {', '.join(PAIRWISE_MODES)}")
+    _pairwise_threshold(threshold)
     if length_ratio is not None and not 0 < length_ratio <= 1:
         raise ValueError(f"length_ratio must be in (0, 1], got {length_ratio!r}")
+    if length_balance and mode == "random":
+        raise ValueError("length_balance takes mode max or min (one pair per prompt), not random")
+
+
+def longer_is_better(better: dict, worse: dict) -> bool | None:
+    """Whether the better answer of a pair is the longer in characters (None: the same length)."""
+    if len(better["output"]) == len(worse["output"]):
+        return None
+    return len(better["output"]) > len(worse["output"])
 
 
 def _pairwise_threshold(threshold: Any) -> float:
@@ -114,17 +168,20 @@ def _group_by_prompt(scored: list[dict]) -> dict[str, list[dict]]:
 
 
 def _choose_pairs(group: list[dict], mode: str, threshold: float, rng: random.Random,
-                  length_ratio: float | None = None) -> list[tuple[dict, dict]]:
+                  length_ratio: float | None = None, side: bool | None = None) -> list[tuple[dict, dict]]:
     """The pairs of one prompt as (better, worse), each with a gap strictly above the threshold and lengths
-    within `length_ratio`.
+    within `length_ratio`; with `side` (max and min) only pairs whose better answer is the longer (True) or the
+    shorter (False).
 
     Because threshold >= 0, a kept pair never has equal rewards, so "better" is always well defined.
     """
-    def clears(a: dict, b: dict) -> bool:
-        return abs(a["reward"] - b["reward"]) > threshold and similar_length(a, b, length_ratio)
-
     def ordered(a: dict, b: dict) -> tuple[dict, dict]:
         return (a, b) if a["reward"] > b["reward"] else (b, a)
+
+    def clears(a: dict, b: dict) -> bool:
+        if not (abs(a["reward"] - b["reward"]) > threshold and similar_length(a, b, length_ratio)):
+            return False
+        return side is None or longer_is_better(*ordered(a, b)) is side
 
     if len(group) < 2:
         return []
@@ -225,10 +282,11 @@ def _as_number(value: Any) -> float | None:
 
 
 def build_feedback(scored: list[dict], kind: str, mode: str, threshold: str | float, seed: int,
-                   length_ratio: float | None = None, truncation_penalty: float = 0.0) -> list[dict]:
+                   length_ratio: float | None = None, truncation_penalty: float = 0.0,
+                   length_balance: bool = False) -> list[dict]:
     """Feedback of `kind` from scored samples: the pairing or labelling the loop and the feedback verb share."""
     if kind == "pairwise":
-        return pairwise_feedback(scored, mode, threshold, seed, length_ratio, truncation_penalty)
+        return pairwise_feedback(scored, mode, threshold, seed, length_ratio, truncation_penalty, length_balance)
     return binary_feedback(scored, threshold, truncation_penalty)
 
 
@@ -241,10 +299,11 @@ def feedback_stage(
     seed: int = 0,
     length_ratio: float | None = None,
     truncation_penalty: float = 0.0,
+    length_balance: bool = False,
 ) -> dict:
     """Read scored samples, build feedback, write it atomically, and return counts for the manifest.
 
-    kind "pairwise" uses mode/threshold/seed/length_ratio; kind "binary" uses threshold ("mean", "median", a
+    kind "pairwise" uses mode/threshold/seed/length_ratio/length_balance; kind "binary" uses threshold ("mean", "median", a
     number or a numeric string); both take truncation_penalty. Arguments are checked before the input is read,
     and nothing is written unless the whole input is valid, so a failed run leaves no (partial) output file.
     Counts: scored (reward not null), unscored (reward null), prompts (distinct prompt_ids in the input), and
@@ -253,10 +312,7 @@ def feedback_stage(
     if kind not in FEEDBACK_KINDS:
         raise ValueError(f"unknown feedback kind {kind!r}; valid kinds: {', '.join(FEEDBACK_KINDS)}")
     if kind == "pairwise":
-        if mode not in PAIRWISE_MODES:
-            raise ValueError(f"unknown pairwise mode {mode!r}; valid modes: {', '.join(PAIRWISE_MODES)}")
-        threshold = _pairwise_threshold(threshold)
-        _check_length_ratio(length_ratio)
+        _check_pairwise(mode, threshold, length_ratio, length_balance)
     else:
         _binary_threshold(threshold, [])
 
@@ -266,7 +322,7 @@ def feedback_stage(
         "unscored": sum(s["reward"] is None for s in scored),
         "prompts": len({s["prompt_id"] for s in scored}),
     }
-    feedback = build_feedback(scored, kind, mode, threshold, seed, length_ratio, truncation_penalty)
+    feedback = build_feedback(scored, kind, mode, threshold, seed, length_ratio, truncation_penalty, length_balance)
     if kind == "pairwise":
         counts["pairs"] = len(feedback)
     else:
