@@ -371,3 +371,47 @@ def test_kill_9_of_the_whole_job_mid_round_then_rerun(loop_config, two_process_r
     assert record_files(run_dir) == record_files(two_process_run)
     assert stage_hashes(run_dir) == stage_hashes(two_process_run)
     assert not list(run_dir.glob("**/*.tmp")) and not list(run_dir.glob("**/.*.tmp"))
+
+
+# Chunks of 2 prompts (3 a round) and 4 samples (5 a round), and a step checkpoint after every optimizer step
+IN_PIECES = ["chunks.sample=2", "chunks.label=4", "optim.checkpoint_every=1"]
+
+
+@pytest.fixture(scope="module")
+def one_process_run_in_pieces(loop_config, tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("one-in-pieces") / "run"
+    result = run(1, loop_config, run_dir, *IN_PIECES)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run_dir
+
+
+@pytest.mark.requires(launcher_problem())
+@pytest.mark.parametrize("point, kept", [
+    ("label.chunk#2@0", ("label", [0, 1])),  # round 0's second label chunk recorded, the third not begun
+    ("train.partial#1@0", ("train", 1)),  # round 0's first optimizer step kept in checkpoint.partial
+])
+def test_two_processes_killed_mid_stage_keep_their_chunks_and_steps(point, kept, loop_config, one_process_run_in_pieces,
+                                                                    tmp_path):
+    """Mid-stage resume under a launcher: the job killed part-way through labeling (or training) keeps the
+    chunks (or the step checkpoint) it finished, the same command redoes only the rest, and the run ends with
+    the records of one process that never stopped, and its weights."""
+    run_dir = tmp_path / "run"
+    crashed = run(2, loop_config, run_dir, *IN_PIECES, crash_at=point)
+    assert crashed.returncode != 0
+    stage, done = kept
+    from test_loop import chunks_done
+
+    if stage == "label":
+        assert chunks_done(run_dir, 0, "label") == done and "label" not in json.loads((run_dir / "manifest.json").read_text())["rounds"].get("0", {})
+    else:
+        state = json.loads((run_dir / "rounds/r000/checkpoint.partial/training_state/trainer_state.json").read_text())
+        assert state["global_step"] == done and not (run_dir / "rounds/r000/checkpoint").exists()
+    resumed = run(2, loop_config, run_dir, *IN_PIECES)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    if stage == "label":
+        assert chunks_done(run_dir, 0, "label") == [0, 1, 2, 3, 4]  # the kept two were not made again
+    else:
+        steps = [row["step"] for row in train_steps(run_dir) if row["round"] == 0]
+        assert steps == [1, 2], steps  # step 1 before the kill; the rerun went on with step 2 alone
+    assert record_files(run_dir) == record_files(one_process_run_in_pieces)
+    assert_close_weights(final_checkpoint(run_dir), final_checkpoint(one_process_run_in_pieces), atol=1e-5)
