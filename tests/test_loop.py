@@ -522,6 +522,12 @@ def test_replay_recomputes_every_stage_of_a_round_to_the_recorded_hashes(tiny_mo
     shutil.rmtree(run_dir / "rounds/r000/checkpoint")
     result = replay("--round", "1", "--stage", "train")
     assert result.returncode == 2 and "is gone" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    # the whole round: said before any work for the stages whose policy went; the others are replayed
+    result = replay("--round", "1", "--scratch", str(tmp_path / "scratch4"))
+    assert result.returncode == 1, result.stderr[-3000:]  # (label still differs: its input was changed above)
+    assert [line.split()[:2] for line in result.stdout.splitlines()] == [
+        ["sample", "cannot"], ["label", "DIFFERS"], ["feedback", "match"], ["train", "cannot"], ["eval", "match"]]
+    assert not (tmp_path / "scratch4/1-sample").exists()
 
 
 def _file_size_limit(limit: int):

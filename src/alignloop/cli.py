@@ -423,6 +423,8 @@ def replay_verb(args, progress: bool) -> int:
     for r in results:
         if "skipped" in r:
             print(f"{r['stage']:<9} skipped in the run ({r['skipped']}): nothing to replay")
+        elif "gone" in r:
+            print(f"{r['stage']:<9} cannot be replayed: {r['gone']}")
         else:
             print(f"{r['stage']:<9} {'match' if r['match'] else 'DIFFERS'}  recorded {str(r['recorded'])[:16]}  "
                   f"replayed {str(r['replayed'])[:16]}  ({r['scratch']})")

@@ -35,7 +35,9 @@ def replay(run_dir: str | Path, round_index: int | str, stages: list[str] | None
            scratch: str | Path | None = None, progress: bool = True) -> list[dict]:
     """Replay the named stages of one round (None: every recorded one; round "sft": the SFT model's held-out
     evaluation). Returns one dict per stage: {stage, recorded, replayed, match} (hashes; a training round's
-    are its weights'), or {stage, skipped: why}."""
+    are its weights'), {stage, skipped: why} for a stage the run skipped, or {stage, gone: why} for one whose
+    policy checkpoint was deleted (keep_checkpoints). Every stage's inputs are checked before any work: a stage
+    asked for by name whose inputs are gone is an error, and so is a round none of whose stages can be replayed."""
     run_dir = Path(run_dir)
     manifest = json.loads((run_dir / "manifest.json").read_text())
     key = str(round_index)
@@ -48,6 +50,9 @@ def replay(run_dir: str | Path, round_index: int | str, stages: list[str] | None
             raise ReplayError(f"--stage {stage}: not a stage (one of {', '.join(STAGES)})")
         if stage not in entries or entries[stage].get("status") != "done":
             raise ReplayError(f"{run_dir}: round {key} has no finished {stage} stage to replay")
+    gone = {stage: why for stage in wanted if (why := _gone(stage, entries[stage], manifest))}
+    if gone and (stages or len(gone) == len(wanted)):
+        raise ReplayError(next(iter(gone.values())))
     config = load_saved_config(run_dir / "config.yaml")
     scratch = Path(scratch) if scratch else Path(tempfile.mkdtemp(prefix="alignloop-replay-"))
     sampler = None
@@ -57,6 +62,9 @@ def replay(run_dir: str | Path, round_index: int | str, stages: list[str] | None
             entry = entries[stage]
             if "skipped" in entry:
                 results.append({"stage": stage, "skipped": entry["skipped"]})
+                continue
+            if stage in gone:
+                results.append({"stage": stage, "gone": gone[stage]})
                 continue
             folder = scratch / f"{key}-{stage}"
             shutil.rmtree(folder, ignore_errors=True)
@@ -91,11 +99,21 @@ def _scratch_run(run_dir: Path, folder: Path, config, key: str, stage: str) -> R
     return run
 
 
-def _exists(path: str | None, what: str) -> str | None:
-    if path and not Path(path).exists():
-        raise ReplayError(f"{what} {path} is gone (a round's checkpoint is deleted under keep_checkpoints; keep more "
-                          "to replay older rounds)")
-    return path
+def _gone(stage: str, entry: dict, manifest: dict) -> str | None:
+    """Why a recorded stage cannot be replayed here (a policy, reference or checkpoint it read was deleted), or
+    None."""
+    if "skipped" in entry:
+        return None
+    needed = {"sample": [("policy", entry.get("policy"))], "eval": [("policy", entry.get("policy"))],
+              "train": [("policy", entry.get("policy_in")), ("reference", entry.get("reference")),
+                        ("checkpoint", entry.get("resumed_from"))]}.get(stage, [])
+    if stage == "eval":
+        needed.append(("reference", manifest.get("sft", {}).get("reference")))
+    for what, path in needed:
+        if path and not Path(path).exists():
+            return (f"{what} {path} is gone (a round's checkpoint is deleted under keep_checkpoints; keep more to "
+                    "replay older rounds)")
+    return None
 
 
 def _replay_stage(run: Run, stage: str, key: str, entry: dict, manifest: dict, sampler, progress: bool) -> str | None:
@@ -107,7 +125,7 @@ def _replay_stage(run: Run, stage: str, key: str, entry: dict, manifest: dict, s
         random.Random(config.seed).shuffle(prompts)
         start, end = entry["prompt_slice"]
         labeler = None  # a judge's prefetch only moves labeling earlier
-        done = sample_stage(run, int(key), prompts[start:end], start, _exists(entry["policy"], "policy"), entry["seed"],
+        done = sample_stage(run, int(key), prompts[start:end], start, entry["policy"], entry["seed"],
                             sampler, show(f"replay sample r{int(key):03d}"), labeler)
         return done["sha256"]
     if stage == "label":
@@ -116,9 +134,8 @@ def _replay_stage(run: Run, stage: str, key: str, entry: dict, manifest: dict, s
     if stage == "feedback":
         return feedback_stage(run, int(key), entry["seed"])["sha256"]
     if stage == "train":
-        done = train_stage(run, int(key), _exists(entry["policy_in"], "policy"), _exists(entry["reference"], "reference"),
-                           Path(entry["resumed_from"]) if _exists(entry.get("resumed_from"), "checkpoint") else None,
-                           _NoSampler(), progress)
+        done = train_stage(run, int(key), entry["policy_in"], entry["reference"],
+                           Path(entry["resumed_from"]) if entry.get("resumed_from") else None, _NoSampler(), progress)
         return weights_sha256(str(run.round_dir(int(key)) / "checkpoint")) if "skipped" not in done else None
     # eval
     heldout = load_prompts(config.heldout)
@@ -126,7 +143,7 @@ def _replay_stage(run: Run, stage: str, key: str, entry: dict, manifest: dict, s
     eval_labelers = {name: (lc, make_labeler(lc, run.dir)) for name, lc in config.eval.labelers.items()}
     reference = manifest["sft"]["reference"]
     round_index = -1 if key == "sft" else int(key)
-    done = eval_stage(run, key if key == "sft" else int(key), round_index, _exists(entry["policy"], "policy"),
+    done = eval_stage(run, key if key == "sft" else int(key), round_index, entry["policy"],
                       reference, heldout, labeler, eval_labelers, sampler, show(f"replay eval {key}"))
     return done["sha256"]
 
