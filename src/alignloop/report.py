@@ -363,13 +363,18 @@ def plot_win_rate(run: RunData) -> Plot:
     with_interval(ax, xs, [w["mean"] for w in wins], [w.get("ci95") for w in wins], HELDOUT, "win rate vs SFT")
     round_axis(ax, xs)
     mark_guards(ax, run)
-    ax.set_ylim(-0.03, 1.03)
-    ax.yaxis.set_major_formatter(PercentFormatter(1.0))
-    ax.set_ylabel("win rate")
-    ax.set_title("Held-out win rate against the SFT model")
-    ax.legend(loc="lower right")
+    share_axis(ax, "win rate", "Held-out win rate against the SFT model", legend="lower right")
     plot.figure = fig
     return plot
+
+
+def share_axis(ax, ylabel: str, title: str, legend: str) -> None:
+    """A y axis of shares from 0 to 100%, with its label, the plot's title and the legend."""
+    ax.set_ylim(-0.03, 1.03)
+    ax.yaxis.set_major_formatter(PercentFormatter(1.0))
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(loc=legend)
 
 
 def plot_length(run: RunData) -> Plot:
@@ -607,11 +612,7 @@ def plot_ifeval(run: RunData) -> Plot | None:
             with_interval(ax, xs, [p["mean"] for p in points], [p.get("ci95") for p in points], color, label)
     round_axis(ax, [row["round"] for row in run.rounds], sft=bool(sft))
     mark_guards(ax, run)
-    ax.set_ylim(-0.03, 1.03)
-    ax.yaxis.set_major_formatter(PercentFormatter(1.0))
-    ax.set_ylabel("accuracy")
-    ax.set_title("Held-out IFEval accuracy (strict)")
-    ax.legend(loc="best")
+    share_axis(ax, "accuracy", "Held-out IFEval accuracy (strict)", legend="best")
     plot.figure = fig
     return plot
 
