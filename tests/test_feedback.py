@@ -262,7 +262,7 @@ def test_length_balance_switches_the_prompts_that_lose_least_then_drops_pairs():
     # 4 longer-better against 0: p3 switches first (loses 0.25), then p1 (0.625): 2 against 2
     balanced = pairwise_feedback(p1 + p2 + p3 + p4, mode="max", length_balance=True)
     assert winners(balanced) == {"p1": (3, 0), "p2": (0, 1), "p3": (2, 0), "p4": (1, 0)}
-    from alignloop.stats import chosen_longer
+    from alignloop.stages.feedback import chosen_longer
 
     assert chosen_longer(balanced) == 0.5
     # 3 against 0: one switch (p3) leaves 2 against 1, close enough
@@ -277,7 +277,7 @@ def test_length_balance_switches_the_prompts_that_lose_least_then_drops_pairs():
 def test_length_balance_leaves_no_net_length_signal_in_a_round():
     """A reward that favours short answers, with noise: without the balance most pairs teach "shorter is
     better"; with it the better answer is the longer in half the pairs, and most prompts keep a pair."""
-    from alignloop.stats import chosen_longer
+    from alignloop.stages.feedback import chosen_longer
 
     rng = random.Random(0)
     samples = []

@@ -116,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     _setting(p, "--truncation-penalty", "feedback.truncation_penalty", type=float,
              help="taken off the reward of an answer cut at the sampler's cap")
     _setting(p, "--length-balance", "feedback.length_balance", action="store_const", const=True,
-             help="pairwise: each prompt's pair, by a coin, one whose better answer is the longer or the shorter")
+             help="pairwise max/min: as many of the round's pairs with the longer answer better as with the shorter")
     _setting(p, "--seed", "seed", type=int)
 
     p = verbs.add_parser("train-rm", help="train a Bradley-Terry reward model on pairwise feedback", description=(

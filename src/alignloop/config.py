@@ -259,7 +259,7 @@ class FeedbackConfig(Strict):
     # the longer one's characters (null: any), and a penalty off the reward of an answer cut at the cap
     length_ratio: float | None = Field(default=0.5, gt=0, le=1)
     truncation_penalty: float = Field(default=1.0, ge=0)
-    # and each prompt's pair drawn, by a coin, among those whose better answer is the longer or the shorter
+    # and as many of the round's pairs with the longer answer better as with the shorter
     length_balance: bool = False
 
     @model_validator(mode="after")

@@ -37,12 +37,12 @@ from .rewards.judge import JudgePrefetch
 from .sampling import Sampler
 from .sampling.placement import trainer_on
 from .stages.evaluate import check_instructions, heldout_samples, kl_along_answers
-from .stages.feedback import build_feedback
+from .stages.feedback import build_feedback, chosen_longer
 from .stages.label import BATCHES_PER_CHUNK, label_counts, label_in_processes, label_records
 from .stages.sample import sample_records
 from .stages.train import has_training_signal, read_training_records, train_round, training_input
-from .stats import (chosen_longer, instruction_accuracy, instruction_accuracy_change, length_stats, mean_reward,
-                    mean_with_interval, pair_margin, paired_difference, reward_interval, win_rate)
+from .stats import (instruction_accuracy, instruction_accuracy_change, length_stats, mean_reward, mean_with_interval,
+                    pair_margin, paired_difference, reward_interval, win_rate)
 from .table import round_metrics, stage_line
 
 

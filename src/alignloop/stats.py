@@ -79,17 +79,6 @@ def pair_margin(feedback: list[dict]) -> float | None:
     return statistics.fmean(gaps) if gaps else None
 
 
-def chosen_longer(feedback: list[dict]) -> float | None:
-    """The share of pairwise records whose better answer is the longer in characters (a tie counts half; None
-    without pairs): 0.5 is no length signal, below it the pairs teach that shorter is better."""
-    sides = []
-    for f in feedback:
-        if f.get("type") == "pairwise_feedback":
-            better, worse = (f["output_A"], f["output_B"]) if f["label"] == 1 else (f["output_B"], f["output_A"])
-            sides.append(0.5 if len(better) == len(worse) else float(len(better) > len(worse)))
-    return statistics.fmean(sides) if sides else None
-
-
 def length_stats(records: list[dict]) -> dict:
     """Mean answer length in tokens (as the sampler counted them) and in words, and the share of answers cut
     at the sampler's `max_new_tokens`."""

@@ -134,10 +134,22 @@ def _check_pairwise(mode: str, threshold: Any, length_ratio: float | None, lengt
 
 
 def longer_is_better(better: dict, worse: dict) -> bool | None:
-    """Whether the better answer of a pair is the longer in characters (None: the same length)."""
+    """Whether the better answer of a pair (samples) is the longer in characters (None: the same length)."""
     if len(better["output"]) == len(worse["output"]):
         return None
     return len(better["output"]) > len(worse["output"])
+
+
+def chosen_longer(feedback: list[dict]) -> float | None:
+    """The share of pairwise records whose better answer is the longer in characters (a tie counts half; None
+    without pairs): 0.5 is no length signal, below it the pairs teach that shorter is better."""
+    sides = []
+    for f in feedback:
+        if f.get("type") == "pairwise_feedback":
+            a, b = {"output": f["output_A"]}, {"output": f["output_B"]}
+            side = longer_is_better(a, b) if f["label"] == 1 else longer_is_better(b, a)
+            sides.append(0.5 if side is None else float(side))
+    return statistics.fmean(sides) if sides else None
 
 
 def _pairwise_threshold(threshold: Any) -> float:
