@@ -96,6 +96,22 @@ def launcher_problem() -> str | None:
     return f"a launcher ({sys.executable} -m torch.distributed.run): {lines[-1] if lines else 'failed'}"
 
 
+@functools.cache
+def bitsandbytes_problem() -> str | None:
+    """Whether bitsandbytes quantises a linear layer to 4 bits and runs it on this machine (its CPU backend
+    here, CUDA on a GPU machine): QLoRA's tests need it, and CI installs it (the test extra)."""
+    probe = subprocess.run([sys.executable, "-c", "import torch, bitsandbytes as bnb; "
+                            "layer = bnb.nn.Linear4bit(64, 64, compute_dtype=torch.float32, quant_type='nf4'); "
+                            "layer.load_state_dict(torch.nn.Linear(64, 64).state_dict()); "
+                            "print(layer.to('cuda' if torch.cuda.is_available() else 'cpu')"
+                            "(torch.ones(1, 64, device=layer.weight.device)).shape)"],
+                           capture_output=True, text=True)
+    if probe.returncode == 0:
+        return None
+    lines = probe.stderr.strip().splitlines()
+    return f"bitsandbytes with a 4-bit backend for this machine (pip install 'alignloop[qlora]'): {lines[-1] if lines else 'failed'}"
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -116,16 +132,15 @@ def smollm2_path() -> Path:
     return ensure_default_policy()
 
 
-@pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory, smollm2_path) -> str:
+def make_tiny_llama(folder: Path, tokenizer_path: Path, hidden_size: int = 32) -> str:
+    """A 2-block Llama of random weights (seed 0) with the SmolLM2 tokenizer, saved to `folder`."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    tokenizer = AutoTokenizer.from_pretrained(smollm2_path)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=2,
         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=1024, tie_word_embeddings=True,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     )
@@ -133,6 +148,11 @@ def tiny_model(tmp_path_factory, smollm2_path) -> str:
     model.save_pretrained(folder, safe_serialization=True)
     tokenizer.save_pretrained(folder)
     return str(folder)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory, smollm2_path) -> str:
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), smollm2_path)
 
 
 def tiny_run_overrides(run_dir, policy: str) -> list[str]:

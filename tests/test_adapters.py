@@ -9,13 +9,15 @@ import sys
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 import alignloop.stages.train as train_stage
-from alignloop.adapters import ADAPTER_WEIGHTS, adapter_base, is_adapter, trainable_policy
+from alignloop.adapters import ADAPTER_WEIGHTS, adapter_base, inner, is_adapter, trainable_policy
 from alignloop.config import AdapterConfig, LossConfig, OptimConfig
 from alignloop.models import load_causal_lm, load_tokenizer, weights_sha256
 from alignloop.stages.train import build_examples, compute_reference_logps, train_round
+from conftest import bitsandbytes_problem, make_tiny_llama
 from test_train import pairs
 
 LORA = AdapterConfig(r=4, alpha=8)
@@ -144,3 +146,158 @@ def test_a_lora_run_samples_with_its_adapter_and_exports(tiny_model, tmp_path):
                               capture_output=True, text=True, timeout=300)
         assert done.returncode != 0 and said in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
     assert not (tmp_path / "r0").exists()
+
+
+# ---- QLoRA: the frozen base in 4 bits (bitsandbytes; its CPU backend here) ----
+
+QLORA = AdapterConfig(r=4, alpha=8, quantize="nf4")
+needs_bitsandbytes = pytest.mark.requires(bitsandbytes_problem())
+
+
+@pytest.fixture(scope="module")
+def wide_tiny_model(tmp_path_factory, smollm2_path):
+    """The tiny Llama at width 64: bitsandbytes quantises in blocks of 64 inputs, which a 32-wide layer cannot fill."""
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny-llama-64"), smollm2_path, hidden_size=64)
+
+
+@pytest.fixture(scope="module")
+def qlora_rounds(wide_tiny_model, tmp_path_factory):
+    """Two QLoRA rounds on the wide tiny model, the second resumed from the first, and the base's hash before."""
+    before = weights_sha256(wide_tiny_model)
+    r0 = tmp_path_factory.mktemp("qlora") / "r0"
+    r1 = r0.with_name("r1")
+    _round(wide_tiny_model, wide_tiny_model, r0, adapter=QLORA)
+    _round(r0, wide_tiny_model, r1, resume=r0, round_index=1, adapter=QLORA)
+    return r0, r1, before
+
+
+@needs_bitsandbytes
+def test_qlora_trains_the_adapter_on_a_4bit_base_that_stays_untouched(wide_tiny_model, qlora_rounds):
+    import bitsandbytes as bnb
+
+    r0, r1, before = qlora_rounds
+    assert weights_sha256(wide_tiny_model) == before
+    wrapped = trainable_policy(str(r1), wide_tiny_model, QLORA, "float32")
+    quantized = [m for m in wrapped.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert len(quantized) == 2 * 7 and all(m.weight.dtype == torch.uint8 for m in quantized)  # every linear layer but the head
+    assert quantized[0].weight.quant_state.quant_type == "nf4"
+    assert sorted(n for n, p in wrapped.named_parameters() if p.requires_grad) == sorted(
+        n for n, _ in wrapped.named_parameters() if "lora_" in n)
+    for out in (r0, r1):
+        assert is_adapter(out) and adapter_base(out) == wide_tiny_model and not (out / "model.safetensors").exists()
+        adapter = load_file(str(out / ADAPTER_WEIGHTS))
+        assert len(adapter) == 2 * 7 * 2 and all("lora_" in k for k in adapter)
+        moments = load_file(str(out / "training_state" / "optimizer.safetensors"))
+        assert {k.removesuffix(".exp_avg") for k in moments if k.endswith(".exp_avg")}.__len__() == len(adapter)
+    # resumed: round 0's two steps are in round 1's moments, and the adapter moved on
+    step = load_file(str(r1 / "training_state" / "optimizer.safetensors"))
+    assert next(v for k, v in step.items() if k.endswith(".step")).item() == 4
+    a0, a1 = load_file(str(r0 / ADAPTER_WEIGHTS)), load_file(str(r1 / ADAPTER_WEIGHTS))
+    assert any(k.endswith("lora_B.weight") and v.abs().max() > 0 for k, v in a0.items())
+    assert any(not torch.equal(a0[k], a1[k]) for k in a0)
+    # loaded for inference, a round is the full-precision base with the adapter merged in
+    merged = load_causal_lm(str(r1))
+    assert not any(isinstance(m, bnb.nn.Linear4bit) for m in merged.modules())
+    assert merged.model.layers[0].self_attn.q_proj.weight.dtype == torch.float32
+
+
+@needs_bitsandbytes
+def test_the_qlora_reference_is_the_4bit_base_with_the_adapter_off(wide_tiny_model, qlora_rounds, monkeypatch):
+    """With the adapter off, the policy scores as the SFT model quantised to 4 bits does (loaded on its own, no
+    adapter): that is QLoRA's reference. It is not the full-precision SFT model, but near it."""
+    from alignloop.adapters import load_quantized
+
+    r0, _, _ = qlora_rounds
+    tok = load_tokenizer(wide_tiny_model)
+    examples = build_examples(pairs(4), "dpo", tok, 512, seed=0)
+    from_adapter_off, from_sft = copy.deepcopy(examples), copy.deepcopy(examples)
+    wrapped = trainable_policy(str(r0), wide_tiny_model, QLORA, "float32")
+    monkeypatch.setattr(train_stage, "load_causal_lm", lambda *a, **k: pytest.fail("a second model was loaded"))
+    compute_reference_logps("dpo", from_adapter_off, wide_tiny_model, "float32", 3, tok.pad_token_id, False, False,
+                            adapter_off=wrapped)
+    monkeypatch.undo()
+    compute_reference_logps("dpo", from_sft, wide_tiny_model, "float32", 3, tok.pad_token_id, False, False)
+    # the SFT model loaded on its own in 4 bits, scored the same way
+    from_quantized = copy.deepcopy(examples)
+    monkeypatch.setattr(train_stage, "load_causal_lm", lambda *a, **k: load_quantized(wide_tiny_model, "nf4", "float32", False))
+    compute_reference_logps("dpo", from_quantized, wide_tiny_model, "float32", 3, tok.pad_token_id, False, False)
+    monkeypatch.undo()
+    off = torch.tensor([e.reference_logps for e in from_adapter_off])
+    torch.testing.assert_close(off, torch.tensor([e.reference_logps for e in from_quantized]), rtol=0, atol=1e-5)
+    sft = torch.tensor([e.reference_logps for e in from_sft])
+    gap = (off - sft).abs().max()
+    assert 1e-4 < gap < 0.05 * sft.abs().max(), (gap, sft)  # 4 bits change the scores a little, not much
+
+
+@needs_bitsandbytes
+def test_a_qlora_run_samples_merged_and_exports(wide_tiny_model, tmp_path):
+    """The whole loop from the command line with `policy_adapter.quantize: nf4`: it ends, the base is
+    untouched, bitsandbytes' hub-kernel notice stays out of stderr, and the export loads in transformers."""
+    from conftest import tiny_run_overrides
+
+    run_dir = tmp_path / "run"
+    before = weights_sha256(wide_tiny_model)
+    overrides = tiny_run_overrides(run_dir, wide_tiny_model) + ["policy_adapter.r=4", "policy_adapter.quantize=nf4"]
+    cmd = [sys.executable, "-m", "alignloop.cli", "run", *(a for o in overrides for a in ("--set", o))]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "bitsandbytes" not in done.stderr and "kernels" not in done.stderr, done.stderr[-2000:]
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["status"] == "complete" and weights_sha256(wide_tiny_model) == before
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["policy_adapter"]["quantize"] == "nf4"
+    out = tmp_path / "exported"
+    done = subprocess.run([sys.executable, "-m", "alignloop.cli", "export", str(run_dir), "--out", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    from transformers import AutoModelForCausalLM
+
+    exported = AutoModelForCausalLM.from_pretrained(out)
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    with torch.no_grad():
+        delta = (exported(input_ids=ids).logits - load_causal_lm(wide_tiny_model)(input_ids=ids).logits).abs().max()
+    assert delta > 1e-4  # the adapter trained on the 4-bit base, merged into the full-precision one
+
+
+def test_qlora_settings_that_cannot_work_are_refused_at_config_time(monkeypatch):
+    from alignloop import adapters
+    from alignloop.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=r"policy_adapter.quantize: a 4-bit base trains on one process or under "
+                                          r"optim.strategy ddp, not fsdp"):
+        load_config(None, ["policy_adapter.quantize=nf4", "optim.strategy=fsdp"])
+    with pytest.raises(ConfigError, match=r"policy_adapter.quantize: .*'nf4'.*'fp4'"):
+        load_config(None, ["policy_adapter.quantize=int4"])
+    monkeypatch.setattr(adapters, "bitsandbytes_installed", lambda: False)  # stands in for a machine without it
+    with pytest.raises(ConfigError, match=r"policy_adapter.quantize: nf4 needs bitsandbytes "
+                                          r"\(pip install 'alignloop\[qlora\]'\)"):
+        load_config(None, ["policy_adapter.quantize=nf4"])
+    assert load_config(None, ["policy_adapter.r=8"]).policy_adapter.quantize is None  # plain LoRA needs none of it
+
+
+@needs_bitsandbytes
+def test_qlora_gradients_are_those_of_the_dequantized_base(wide_tiny_model, qlora_rounds):
+    """A training step through the 4-bit base gives the adapter the gradients the same adapter gets on the
+    base's dequantised float32 weights, also after an eval-mode pass without gradients (the reference's
+    scoring), after which bitsandbytes' CPU backend would repack the weights into a layout whose matmul has
+    no backward, silently cutting the gradient that flows through the base layers."""
+    import bitsandbytes as bnb
+
+    r0, _, _ = qlora_rounds
+    ids = torch.tensor([[5, 17, 42, 99, 7, 3, 250, 12]])
+    quantized = inner(trainable_policy(str(r0), wide_tiny_model, QLORA, "float32"))
+    with torch.no_grad():
+        quantized.eval()(input_ids=ids)
+    quantized.train()(input_ids=ids, labels=ids).loss.backward()
+    plain = inner(trainable_policy(str(r0), wide_tiny_model, LORA, "float32"))
+    layers = {name: m for name, m in quantized.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+    assert len(layers) == 2 * 7
+    with torch.no_grad():
+        for name, m in plain.named_modules():
+            if name in layers:
+                m.weight.copy_(bnb.functional.dequantize_4bit(layers[name].weight.data, layers[name].weight.quant_state))
+    plain.train()(input_ids=ids, labels=ids).loss.backward()
+    expected = {n: p.grad for n, p in plain.named_parameters() if p.requires_grad}
+    got = {n: p.grad for n, p in quantized.named_parameters() if p.requires_grad}
+    assert got.keys() == expected.keys() and len(got) == 2 * 7 * 2
+    for n in got:
+        torch.testing.assert_close(got[n], expected[n], rtol=1e-3, atol=1e-6, msg=n)

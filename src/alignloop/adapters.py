@@ -8,6 +8,11 @@ A round's checkpoint of an adapter run is a peft adapter folder (`adapter_config
 weight-sync check, the held-out KL, `alignloop export`), `models.load_causal_lm` sees such a folder and
 returns the base with the adapter merged in.
 
+QLoRA (`policy_adapter.quantize`): the trainer's base is held in 4 bits (bitsandbytes), so the adapter learns
+on the quantised base, and the reference, the same base with the adapter off, is the quantised SFT model.
+Everything that loads a round's policy for inference merges the adapter into the full-precision base, as
+QLoRA models are deployed.
+
 The trainer trains the transformers model inside the peft wrapper (`inner`), with peft's LoRA layers in it:
 that model keeps the forward arguments the packed log-prob computation needs (`logits_to_keep`), which the
 wrapper's forward does not pass on.
@@ -15,7 +20,10 @@ wrapper's forward does not pass on.
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import logging
+import os
 from pathlib import Path
 
 import torch
@@ -54,7 +62,15 @@ def adapter_base(folder: str | Path) -> str:
     return base
 
 
+def bitsandbytes_installed() -> bool:
+    return importlib.util.find_spec("bitsandbytes") is not None
+
+
 def _peft():
+    if not os.environ.get("ALIGNLOOP_VERBOSE"):
+        # peft imports bitsandbytes where it is installed, whose CPU backend then warns that it cannot fetch a
+        # faster kernel from the hub (which alignloop never reaches): noise, like the other libraries' (--verbose)
+        logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     try:
         import peft
     except ImportError:
@@ -71,14 +87,19 @@ def load_merged(folder: str | Path, dtype: str = "float32", trust_remote_code: b
     return peft.PeftModel.from_pretrained(base, str(folder)).merge_and_unload()
 
 
-def trainable_policy(policy: str, base: str, adapter, dtype: str, trust_remote_code: bool = False):
+def trainable_policy(policy: str, base: str, adapter, dtype: str, trust_remote_code: bool = False,
+                     bf16_compute: bool = False):
     """The base model with a trainable LoRA adapter, fresh (`adapter`: the AdapterConfig) or, when `policy` is a
     round's adapter checkpoint, that one's. Returns the peft wrapper; only the adapter's parameters require
-    gradients."""
+    gradients. Under `adapter.quantize` the base's linear layers are 4-bit, computing in bfloat16 when
+    `bf16_compute` (bf16 mixed precision), else in float32."""
     from .models import load_causal_lm
 
     peft = _peft()
-    model = load_causal_lm(base, dtype, trust_remote_code)
+    if adapter.quantize is not None:
+        model = load_quantized(base, adapter.quantize, dtype, bf16_compute, trust_remote_code)
+    else:
+        model = load_causal_lm(base, dtype, trust_remote_code)
     if is_adapter(policy):
         return peft.PeftModel.from_pretrained(model, policy, is_trainable=True)
     config = peft.LoraConfig(r=adapter.r, lora_alpha=adapter.alpha, lora_dropout=adapter.dropout,
@@ -86,6 +107,36 @@ def trainable_policy(policy: str, base: str, adapter, dtype: str, trust_remote_c
     wrapped = peft.get_peft_model(model, config)
     wrapped.peft_config["default"].base_model_name_or_path = base  # the folder, however `policy` was named
     return wrapped
+
+
+def load_quantized(base: str, quantize: str, dtype: str, bf16_compute: bool, trust_remote_code: bool = False):
+    """`base` with its linear layers (all but the output head) stored in 4 bits, `quantize` being bitsandbytes'
+    "nf4" or "fp4", double-quantised, on this process's device; the rest of the model in `dtype`."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from . import distributed
+    from .models import DTYPES, ModelError, quiet_libraries, resolve_model_path
+
+    if not bitsandbytes_installed():
+        raise AdapterError(f"policy_adapter.quantize: {quantize} needs bitsandbytes (pip install 'alignloop[qlora]')")
+    quiet_libraries()
+    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quantize, bnb_4bit_use_double_quant=True,
+                                      bnb_4bit_compute_dtype=torch.bfloat16 if bf16_compute else torch.float32)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            resolve_model_path(base), quantization_config=quantization, dtype=DTYPES[dtype],
+            device_map={"": distributed.device()}, trust_remote_code=trust_remote_code, use_safetensors=True)
+    except OSError as e:
+        raise ModelError(f"model path {base}: cannot load a causal LM ({str(e).splitlines()[0]})") from None
+    import bitsandbytes as bnb
+
+    for layer in model.modules():
+        if isinstance(layer, bnb.nn.Linear4bit):
+            # On CPUs with AVX512-BF16, bitsandbytes 0.50 repacks a layer's weights the first time it runs in eval
+            # mode without gradients (the reference's scoring), into a layout whose matmul has no backward: every
+            # training step after it would silently lose the gradient through the base layers. Never repack.
+            layer.support_avx512bf16_for_cpu = False
+    return model
 
 
 def inner(wrapped) -> torch.nn.Module:

@@ -309,6 +309,19 @@ class AdapterConfig(Strict):
     dropout: float = Field(default=0.0, ge=0, lt=1)
     # which layers get an adapter: peft's "all-linear" (every linear layer but the output head) or module names
     target_modules: list[str] | Literal["all-linear"] = "all-linear"
+    # QLoRA: the frozen base held in 4 bits (bitsandbytes' NormalFloat4 or FP4, double-quantised) while it
+    # trains; sampling, evaluation and export use the full-precision base with the adapter merged in. null: the
+    # base in optim.dtype
+    quantize: Literal["nf4", "fp4"] | None = None
+
+    @field_validator("quantize")
+    @classmethod
+    def _quantizer_installed(cls, quantize):
+        from .adapters import bitsandbytes_installed
+
+        if quantize is not None and not bitsandbytes_installed():
+            raise ValueError(f"{quantize} needs bitsandbytes (pip install 'alignloop[qlora]')")
+        return quantize
 
 
 class OptimConfig(Strict):
@@ -434,6 +447,9 @@ class Config(Strict):
                                  "so that a prompt's samples are judged together")
         if self.policy_adapter is not None and self.optim.strategy == "deepspeed":
             raise ValueError("policy_adapter: a LoRA adapter trains under optim.strategy ddp or fsdp, not deepspeed")
+        if self.policy_adapter is not None and self.policy_adapter.quantize and self.optim.strategy == "fsdp":
+            raise ValueError("policy_adapter.quantize: a 4-bit base trains on one process or under optim.strategy "
+                             "ddp, not fsdp")
         if self.guard.action != "none" and self.heldout is None:
             raise ValueError(f"guard.action '{self.guard.action}' acts on the held-out evaluation; it needs heldout prompts")
         return self

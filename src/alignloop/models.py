@@ -85,7 +85,7 @@ def resolve_model_path(name_or_path: str) -> str:
     return name_or_path  # an "org/name" hub id; transformers says clearly if it cannot be had
 
 
-def _quiet_transformers() -> None:
+def quiet_libraries() -> None:
     """Our own bars and lines show progress; transformers' per-load bars and its warnings (a generation
     setting overridden, say) would only bury them. `alignloop --verbose` leaves them on."""
     from transformers.utils import logging
@@ -120,7 +120,7 @@ def load_causal_lm(path: str, dtype: str = "float32", trust_remote_code: bool = 
 
     from .adapters import is_adapter, load_merged
 
-    _quiet_transformers()
+    quiet_libraries()
     folder = resolve_model_path(path)
     if is_adapter(folder):
         return load_merged(folder, dtype, trust_remote_code)

@@ -170,14 +170,17 @@ def train_round(feedback: list[dict], *, policy: str, reference: str, out_dir: s
     if not examples:
         raise TrainingError("no training examples in this round's feedback")
     show = progress and distributed.is_main()
+    bf16_compute = optim.mixed_precision == "bf16"
     wrapped = None  # the peft wrapper of an adapter policy
     if adapter is not None:
+        if adapter.quantize and how not in ("none", "ddp"):  # (`auto` under an FSDP or DeepSpeed launch)
+            raise TrainingError(f"policy_adapter.quantize: a 4-bit base trains on one process or under ddp, not {how}")
         base = adapter_base(policy) if is_adapter(policy) else resolve_model_path(policy)
-        wrapped = trainable_policy(policy, base, adapter, optim.dtype, trust_remote_code)
+        wrapped = trainable_policy(policy, base, adapter, optim.dtype, trust_remote_code, bf16_compute)
     if objective.needs_reference:
         reference_is_base = wrapped is not None and resolve_model_path(reference) == base
         compute_reference_logps(loss.name, examples, reference, REFERENCE_DTYPE, optim.batch_size, pad_id,
-                                trust_remote_code, show, bf16_autocast=optim.mixed_precision == "bf16",
+                                trust_remote_code, show, bf16_autocast=bf16_compute,
                                 liger_kernels=optim.liger_kernels, adapter_off=wrapped if reference_is_base else None)
 
     # A crash part-way through this round left its state so far: go on from there.
@@ -186,7 +189,7 @@ def train_round(feedback: list[dict], *, policy: str, reference: str, out_dir: s
     if done_before:
         resume = partial
         if wrapped is not None:
-            wrapped = trainable_policy(str(partial), base, adapter, optim.dtype, trust_remote_code)
+            wrapped = trainable_policy(str(partial), base, adapter, optim.dtype, trust_remote_code, bf16_compute)
         else:
             policy = str(partial)
     model = inner(wrapped) if wrapped is not None else load_causal_lm(policy, optim.dtype, trust_remote_code)
@@ -207,7 +210,7 @@ def train_round(feedback: list[dict], *, policy: str, reference: str, out_dir: s
             group["initial_lr"] = optim.lr
         scheduler.base_lrs = [optim.lr for _ in optimizer.param_groups]
     # Under bf16 mixed precision the weights stay float32 and the forward passes run in bfloat16.
-    autocast = torch.autocast(distributed.device().type, dtype=torch.bfloat16, enabled=optim.mixed_precision == "bf16")
+    autocast = torch.autocast(distributed.device().type, dtype=torch.bfloat16, enabled=bf16_compute)
 
     # The micro-batches, seeded per round and epoch; each is split among the processes.
     rng = random.Random(seed * 1000 + round_index)
