@@ -87,29 +87,29 @@ def deepspeed_problem() -> str | None:
 @functools.cache
 def launcher_problem() -> str | None:
     """Whether `python -m torch.distributed.run` can start processes that talk over gloo."""
-    probe = subprocess.run([sys.executable, "-c", "import torch.distributed as d, torch.distributed.run; "
-                            "assert d.is_available() and d.is_gloo_available(), 'torch.distributed without gloo'"],
-                           capture_output=True, text=True)
-    if probe.returncode == 0:
-        return None
-    lines = probe.stderr.strip().splitlines()
-    return f"a launcher ({sys.executable} -m torch.distributed.run): {lines[-1] if lines else 'failed'}"
+    return probe_problem(f"a launcher ({sys.executable} -m torch.distributed.run)",
+                         "import torch.distributed as d, torch.distributed.run; "
+                         "assert d.is_available() and d.is_gloo_available(), 'torch.distributed without gloo'")
 
 
 @functools.cache
 def bitsandbytes_problem() -> str | None:
     """Whether bitsandbytes quantises a linear layer to 4 bits and runs it on this machine (its CPU backend
     here, CUDA on a GPU machine): QLoRA's tests need it, and CI installs it (the test extra)."""
-    probe = subprocess.run([sys.executable, "-c", "import torch, bitsandbytes as bnb; "
-                            "layer = bnb.nn.Linear4bit(64, 64, compute_dtype=torch.float32, quant_type='nf4'); "
-                            "layer.load_state_dict(torch.nn.Linear(64, 64).state_dict()); "
-                            "print(layer.to('cuda' if torch.cuda.is_available() else 'cpu')"
-                            "(torch.ones(1, 64, device=layer.weight.device)).shape)"],
-                           capture_output=True, text=True)
+    return probe_problem("bitsandbytes with a 4-bit backend for this machine (pip install 'alignloop[qlora]')",
+                         "import torch, bitsandbytes as bnb; "
+                         "layer = bnb.nn.Linear4bit(64, 64, compute_dtype=torch.float32, quant_type='nf4'); "
+                         "layer.load_state_dict(torch.nn.Linear(64, 64).state_dict()); "
+                         "layer.to('cuda' if torch.cuda.is_available() else 'cpu')(torch.ones(1, 64, device=layer.weight.device))")
+
+
+def probe_problem(needed: str, code: str) -> str | None:
+    """None when `code` runs in a fresh interpreter; else what is `needed` and the last line of its error."""
+    probe = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     if probe.returncode == 0:
         return None
     lines = probe.stderr.strip().splitlines()
-    return f"bitsandbytes with a 4-bit backend for this machine (pip install 'alignloop[qlora]'): {lines[-1] if lines else 'failed'}"
+    return f"{needed}: {lines[-1] if lines else 'failed'}"
 
 
 def free_port() -> int:

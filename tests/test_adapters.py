@@ -32,6 +32,17 @@ def _round(policy, reference, out, resume=None, round_index=0, lr=1e-2, adapter=
                        progress=False, adapter=adapter, **kw)
 
 
+def _cli_run(run_dir, policy, *overrides) -> subprocess.CompletedProcess:
+    """`alignloop run` of the two-round tiny loop with `overrides`, which must end well."""
+    from conftest import tiny_run_overrides
+
+    sets = tiny_run_overrides(run_dir, policy) + list(overrides)
+    cmd = [sys.executable, "-m", "alignloop.cli", "run", *(a for o in sets for a in ("--set", o))]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done
+
+
 @pytest.fixture(scope="module")
 def trained_adapter(tiny_model, tmp_path_factory):
     """A round's adapter checkpoint trained on the tiny model, and the base's hash taken before it."""
@@ -109,14 +120,9 @@ def test_a_lora_run_samples_with_its_adapter_and_exports(tiny_model, tmp_path):
     """The whole loop with an adapter (HF sampling): round 1 samples from round 0's adapter checkpoint, old
     checkpoints are cleaned as usual, and `alignloop export` writes a plain model folder that transformers
     loads and that computes what the merged adapter computes."""
-    from conftest import tiny_run_overrides
-
     run_dir = tmp_path / "run"
     before = weights_sha256(tiny_model)
-    overrides = tiny_run_overrides(run_dir, tiny_model) + ["policy_adapter.r=4", "policy_adapter.alpha=8"]
-    cmd = [sys.executable, "-m", "alignloop.cli", "run", *(a for o in overrides for a in ("--set", o))]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-2000:]
+    _cli_run(run_dir, tiny_model, "policy_adapter.r=4", "policy_adapter.alpha=8")
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert manifest["status"] == "complete"
     assert manifest["rounds"]["1"]["sample"]["policy"] == str(run_dir / "rounds" / "r000" / "checkpoint")
@@ -233,14 +239,9 @@ def test_the_qlora_reference_is_the_4bit_base_with_the_adapter_off(wide_tiny_mod
 def test_a_qlora_run_samples_merged_and_exports(wide_tiny_model, tmp_path):
     """The whole loop from the command line with `policy_adapter.quantize: nf4`: it ends, the base is
     untouched, bitsandbytes' hub-kernel notice stays out of stderr, and the export loads in transformers."""
-    from conftest import tiny_run_overrides
-
     run_dir = tmp_path / "run"
     before = weights_sha256(wide_tiny_model)
-    overrides = tiny_run_overrides(run_dir, wide_tiny_model) + ["policy_adapter.r=4", "policy_adapter.quantize=nf4"]
-    cmd = [sys.executable, "-m", "alignloop.cli", "run", *(a for o in overrides for a in ("--set", o))]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-2000:]
+    done = _cli_run(run_dir, wide_tiny_model, "policy_adapter.r=4", "policy_adapter.quantize=nf4")
     assert "bitsandbytes" not in done.stderr and "kernels" not in done.stderr, done.stderr[-2000:]
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert manifest["status"] == "complete" and weights_sha256(wide_tiny_model) == before
