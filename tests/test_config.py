@@ -62,7 +62,7 @@ def test_set_overrides_nested_keys_with_yaml_types():
     config = load_config(None, ["optim.lr=1e-5", "sampler.stop=['###']", "loss.beta=0.2", "feedback.threshold=0.25"])
     assert config.optim.lr == 1e-5
     assert config.sampler.stop == ["###"]
-    assert config.loss.params == {"beta": 0.2, "label_smoothing": 0.0, "rpo_alpha": 0.0}  # defaults filled in
+    assert config.loss.params == {"beta": 0.2, "label_smoothing": 0.0, "rpo_alpha": 0.0, "length_alpha": 0.0}  # defaults filled in
     assert config.feedback.threshold == 0.25
 
 

@@ -112,6 +112,19 @@ def test_rpo_hand_computed():
     close(losses, [math.log1p(math.exp(-3.5)) + 2.0 * 1.0])
 
 
+def test_rdpo_hand_computed():
+    # as test_dpo_hand_computed (beta*h = 0.2 and -0.2), less length_alpha times the chosen length minus the
+    # rejected: 0.01 * (5 - 25) = -0.2 and 0.01 * (30 - 10) = 0.2, so z = 0.4 and -0.4
+    pc, pr, rc, rr = t(-10.0, -20.0), t(-12.0, -18.0), t(-11.0, -19.0), t(-11.0, -19.0)
+    losses, cr, rj = dpo_loss(pc, pr, rc, rr, beta=0.1, length_alpha=0.01, chosen_lengths=t(5.0, 30.0),
+                              rejected_lengths=t(25.0, 10.0))
+    close(losses, [math.log1p(math.exp(-0.4)), math.log1p(math.exp(0.4))])
+    close(cr, [0.1, -0.1])  # the implicit rewards are DPO's
+    close(rj, [-0.1, 0.1])
+    with pytest.raises(ValueError, match="length_alpha needs chosen_lengths and rejected_lengths"):
+        dpo_loss(pc, pr, rc, rr, length_alpha=0.01, chosen_lengths=t(5.0, 30.0))
+
+
 def test_dpo_gradients_flow_to_policy_only():
     pc = t(-10.0, -20.0).requires_grad_()
     pr = t(-12.0, -18.0).requires_grad_()

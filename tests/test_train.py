@@ -319,13 +319,15 @@ def f64(values) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.float64)
 
 
-@pytest.mark.parametrize("loss", ["dpo", "rpo", "dpo_norm", "ipo", "simpo", "slic", "orpo", "sft"])
+@pytest.mark.parametrize("loss", ["dpo", "rpo", "rdpo", "dpo_norm", "ipo", "simpo", "slic", "orpo", "sft"])
 def test_pairwise_losses_take_the_right_log_probs(loss, tiny_model, moved_policy):
     """chosen and rejected in the right order, summed or averaged as the loss needs, the reference at the same
     scale: the trainer's loss equals the pure function fed with log-probs computed one sequence at a time.
-    "rpo" is dpo with rpo_alpha: its NLL term needs each chosen response's length in tokens."""
-    params = dict(LOSSES["dpo"].defaults, rpo_alpha=1.0) if loss == "rpo" else LOSSES[loss].defaults
-    loss = "dpo" if loss == "rpo" else loss
+    "rpo" is dpo with rpo_alpha: its NLL term needs each chosen response's length in tokens; "rdpo" is dpo with
+    length_alpha, which needs both responses' lengths."""
+    variants = {"rpo": {"rpo_alpha": 1.0}, "rdpo": {"length_alpha": 0.05}}
+    params = dict(LOSSES["dpo"].defaults, **variants[loss]) if loss in variants else LOSSES[loss].defaults
+    loss = "dpo" if loss in variants else loss
     tok = load_tokenizer(tiny_model)
     feedback = pairs(4)
     examples = build_examples(feedback, loss, tok, 512, seed=0)
@@ -349,8 +351,12 @@ def test_pairwise_losses_take_the_right_log_probs(loss, tiny_model, moved_policy
     else:
         rc, rr = f64([logp(reference, t) for t in chosen]), f64([logp(reference, t) for t in rejected])
         expected = {"dpo": dpo_loss, "dpo_norm": dpo_norm_loss, "ipo": ipo_loss, "slic": slic_loss}[loss](pc, pr, rc, rr)[0]
+        lengths = [f64([len(encode_response(tok, t)) for t in texts]) for texts in (chosen, rejected)]
         if params.get("rpo_alpha"):
-            expected = expected - pc / f64([len(encode_response(tok, t)) for t in chosen])
+            expected = expected - pc / lengths[0]
+        if params.get("length_alpha"):  # the pairs' lengths differ, so this is not DPO's loss
+            expected = dpo_loss(pc, pr, rc, rr, length_alpha=0.05, chosen_lengths=lengths[0], rejected_lengths=lengths[1])[0]
+            assert (expected - dpo_loss(pc, pr, rc, rr)[0]).abs().max() > 1e-3
     assert losses.shape == (4,)
     torch.testing.assert_close(losses.double(), expected, atol=2e-4, rtol=1e-4)
 

@@ -111,6 +111,8 @@ class Pairwise(Objective):
                 ref = ref / lengths.clamp(min=1)
             if params.get("rpo_alpha") and not averaged:  # RPO's NLL is per token: summed log-probs need the lengths
                 params = {**params, "chosen_lengths": lengths[0]}
+            if params.get("length_alpha"):  # R-DPO: the length difference
+                params = {**params, "chosen_lengths": lengths[0], "rejected_lengths": lengths[1]}
             losses, chosen_rewards, rejected_rewards = self.spec.fn(policy[0], policy[1], ref[0], ref[1], **params)
         else:
             losses, chosen_rewards, rejected_rewards = self.spec.fn(policy[0], policy[1], **params)

@@ -50,8 +50,8 @@ class LossSpec:
 
 LOSSES: dict[str, LossSpec] = {
     "dpo": LossSpec(
-        dpo_loss, "pairwise", True, "sum", {"beta": 0.1, "label_smoothing": 0.0, "rpo_alpha": 0.0},
-        "Rafailov et al. 2023 (cDPO: Mitchell 2023)",
+        dpo_loss, "pairwise", True, "sum", {"beta": 0.1, "label_smoothing": 0.0, "rpo_alpha": 0.0, "length_alpha": 0.0},
+        "Rafailov et al. 2023 (cDPO: Mitchell 2023; RPO: Pang et al. 2024; R-DPO: Park et al. 2024)",
     ),
     "dpo_norm": LossSpec(
         dpo_norm_loss, "pairwise", True, "average", {"beta": 5.0, "label_smoothing": 0.0, "rpo_alpha": 0.0},

@@ -14,6 +14,10 @@ RPO: Pang et al. 2024, "Iterative Reasoning Preference Optimization" (arXiv:2404
 the chosen response's per-token negative log-likelihood, weighted by ``rpo_alpha`` (TRL's
 ``rpo_alpha``): DPO alone can lower the chosen response's likelihood along with the
 rejected one's, and the NLL term holds it up.
+R-DPO: Park et al. 2024, "Disentangling Length from Quality in Direct Preference Optimization"
+(arXiv:2403.19159) takes ``length_alpha`` times the chosen response's length minus the rejected one's (in tokens)
+off the margin, so that a difference in length explains that much of a preference: pairs won by the shorter
+answer push less towards brevity, pairs won by the longer push more.
 """
 
 from __future__ import annotations
@@ -32,14 +36,17 @@ def dpo_loss(
     beta: float = 0.1,
     label_smoothing: float = 0.0,
     rpo_alpha: float = 0.0,
+    length_alpha: float = 0.0,
     chosen_lengths: torch.Tensor | None = None,
+    rejected_lengths: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    r"""Sigmoid DPO loss (cDPO when ``label_smoothing > 0``, RPO when ``rpo_alpha > 0``).
+    r"""Sigmoid DPO loss (cDPO when ``label_smoothing > 0``, RPO when ``rpo_alpha > 0``, R-DPO when
+    ``length_alpha > 0``).
 
-    With ``h = (log pi(y_w) - log ref(y_w)) - (log pi(y_l) - log ref(y_l))`` and ``|y_w|`` the
-    chosen response's length in tokens::
+    With ``h = (log pi(y_w) - log ref(y_w)) - (log pi(y_l) - log ref(y_l))`` and ``|y_w|``, ``|y_l|``
+    the chosen and rejected responses' lengths in tokens, ``z = beta * h - length_alpha * (|y_w| - |y_l|)``::
 
-        loss = -(1 - eps) * log sigmoid(beta * h) - eps * log sigmoid(-beta * h)
+        loss = -(1 - eps) * log sigmoid(z) - eps * log sigmoid(-z)
                - rpo_alpha * log pi(y_w) / |y_w|
 
     Args:
@@ -54,8 +61,11 @@ def dpo_loss(
         rpo_alpha: weight of the chosen response's per-token NLL (0 = plain DPO; RPO's paper: 1).
             Per example, so each pair's NLL counts once whatever its length (TRL averages over
             all of a batch's chosen tokens instead, weighting long responses more).
+        length_alpha: R-DPO's weight of the length difference, per token (0 = plain DPO; the paper's
+            best runs: 0.005 to 0.05 at beta 0.1); needs both lengths.
         chosen_lengths: ``[B]`` tokens in each chosen response, to turn the summed log-prob into a
             per-token NLL; ``None`` when the log-probs are already averaged per token.
+        rejected_lengths: ``[B]`` tokens in each rejected response (R-DPO).
 
     Returns:
         ``(losses [B], chosen_rewards [B], rejected_rewards [B])``; rewards are the implicit
@@ -65,6 +75,10 @@ def dpo_loss(
     chosen_logratios = policy_chosen_logps - reference_chosen_logps
     rejected_logratios = policy_rejected_logps - reference_rejected_logps
     logits = beta * (chosen_logratios - rejected_logratios)
+    if length_alpha:
+        if chosen_lengths is None or rejected_lengths is None:
+            raise ValueError("length_alpha needs chosen_lengths and rejected_lengths")
+        logits = logits - length_alpha * (chosen_lengths - rejected_lengths).to(logits.dtype)
     losses = -F.logsigmoid(logits) * (1.0 - label_smoothing)
     if label_smoothing:
         losses = losses - F.logsigmoid(-logits) * label_smoothing
