@@ -155,6 +155,13 @@ def tiny_model(tmp_path_factory, smollm2_path) -> str:
     return make_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), smollm2_path)
 
 
+@pytest.fixture(scope="session")
+def wide_tiny_model(tmp_path_factory, smollm2_path) -> str:
+    """The tiny Llama at width 64: bitsandbytes quantises in blocks of 64 inputs, which a 32-wide layer cannot
+    fill (QLoRA's tests)."""
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny-llama-64"), smollm2_path, hidden_size=64)
+
+
 def tiny_run_overrides(run_dir, policy: str) -> list[str]:
     """A two-round loop on the tiny model that takes seconds."""
     return [

@@ -17,7 +17,7 @@ from alignloop.adapters import ADAPTER_WEIGHTS, adapter_base, inner, is_adapter,
 from alignloop.config import AdapterConfig, LossConfig, OptimConfig
 from alignloop.models import load_causal_lm, load_tokenizer, weights_sha256
 from alignloop.stages.train import build_examples, compute_reference_logps, train_round
-from conftest import bitsandbytes_problem, make_tiny_llama
+from conftest import bitsandbytes_problem
 from test_train import pairs
 
 LORA = AdapterConfig(r=4, alpha=8)
@@ -158,12 +158,6 @@ def test_a_lora_run_samples_with_its_adapter_and_exports(tiny_model, tmp_path):
 
 QLORA = AdapterConfig(r=4, alpha=8, quantize="nf4")
 needs_bitsandbytes = pytest.mark.requires(bitsandbytes_problem())
-
-
-@pytest.fixture(scope="module")
-def wide_tiny_model(tmp_path_factory, smollm2_path):
-    """The tiny Llama at width 64: bitsandbytes quantises in blocks of 64 inputs, which a 32-wide layer cannot fill."""
-    return make_tiny_llama(tmp_path_factory.mktemp("tiny-llama-64"), smollm2_path, hidden_size=64)
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import deepspeed_problem, free_port, launcher_problem, torchrun
+from conftest import bitsandbytes_problem, deepspeed_problem, free_port, launcher_problem, torchrun
 from test_loop import record_files, stage_hashes
 
 # The launcher gives each of several processes one thread; a lone process gets one too, so that its float sums
@@ -64,18 +64,21 @@ def test_two_processes_take_the_steps_of_one_process(tiny_model, tmp_path):
 
 
 @pytest.mark.requires(launcher_problem())
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_two_processes_train_the_lora_adapter_of_one_process(strategy, tiny_model, tmp_path):
-    """policy_adapter under DDP and FSDP2: the adapter (and its moments) two processes train is the one a
-    single process trains; the base's weights never enter a checkpoint."""
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp", pytest.param("ddp-qlora", marks=pytest.mark.requires(bitsandbytes_problem()))])
+def test_two_processes_train_the_lora_adapter_of_one_process(strategy, tiny_model, wide_tiny_model, tmp_path):
+    """policy_adapter under DDP and FSDP2, and a 4-bit base (QLoRA) under DDP: the adapter (and its moments)
+    two processes train is the one a single process trains; the base's weights never enter a checkpoint."""
     feedback = tmp_path / "feedback.jsonl"
     feedback.write_text("".join(json.dumps(p) + "\n" for p in PAIRS))
     two, one = tmp_path / "two", tmp_path / "one"
     lora = ("--set", "policy_adapter.r=4", "--lr", "1e-2")
-    r2 = subprocess.run(train_cmd(torchrun(2), feedback, two, tiny_model, 4, 2, *lora, "--strategy", strategy),
+    policy = tiny_model
+    if strategy == "ddp-qlora":
+        strategy, policy, lora = "ddp", wide_tiny_model, (*lora, "--set", "policy_adapter.quantize=nf4")
+    r2 = subprocess.run(train_cmd(torchrun(2), feedback, two, policy, 4, 2, *lora, "--strategy", strategy),
                         capture_output=True, text=True, timeout=600, env=ENV)
     assert r2.returncode == 0, r2.stderr[-3000:]
-    r1 = subprocess.run(train_cmd([sys.executable], feedback, one, tiny_model, 4, 2, *lora), capture_output=True,
+    r1 = subprocess.run(train_cmd([sys.executable], feedback, one, policy, 4, 2, *lora), capture_output=True,
                         text=True, timeout=600, env=ENV)
     assert r1.returncode == 0, r1.stderr[-3000:]
     assert not (two / "model.safetensors").exists()
