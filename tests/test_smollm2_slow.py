@@ -41,7 +41,9 @@ def test_embedded_default_aligns(tmp_path):
     installed, as in CI).
 
     The answers' length is asserted at the level the default reaches (half the SFT model's, README "How the
-    default was tuned"), not at the 70% the project aims for: that target is open."""
+    default was tuned"), not at the 70% the project aims for: that target is open. The run is seed 0's, whose
+    samples are the same run after run; seeds 1 and 2 end near +0.06 (README), so these thresholds hold for this
+    seed, not for the default's effect in general."""
     run_dir = tmp_path / "default"
     cmd = [sys.executable, "-m", "alignloop", "--no-progress", "run", "--run-dir", str(run_dir)]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=3000)
