@@ -112,24 +112,16 @@ def trainable_policy(policy: str, base: str, adapter, dtype: str, trust_remote_c
 def load_quantized(base: str, quantize: str, dtype: str, bf16_compute: bool, trust_remote_code: bool = False):
     """`base` with its linear layers (all but the output head) stored in 4 bits, `quantize` being bitsandbytes'
     "nf4" or "fp4", double-quantised, on this process's device; the rest of the model in `dtype`."""
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    import bitsandbytes as bnb  # (AdapterConfig.quantize is refused where it is not installed)
+    from transformers import BitsAndBytesConfig
 
     from . import distributed
-    from .models import DTYPES, ModelError, quiet_libraries, resolve_model_path
+    from .models import load_causal_lm
 
-    if not bitsandbytes_installed():
-        raise AdapterError(f"policy_adapter.quantize: {quantize} needs bitsandbytes (pip install 'alignloop[qlora]')")
-    quiet_libraries()
     quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quantize, bnb_4bit_use_double_quant=True,
                                       bnb_4bit_compute_dtype=torch.bfloat16 if bf16_compute else torch.float32)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(
-            resolve_model_path(base), quantization_config=quantization, dtype=DTYPES[dtype],
-            device_map={"": distributed.device()}, trust_remote_code=trust_remote_code, use_safetensors=True)
-    except OSError as e:
-        raise ModelError(f"model path {base}: cannot load a causal LM ({str(e).splitlines()[0]})") from None
-    import bitsandbytes as bnb
-
+    model = load_causal_lm(base, dtype, trust_remote_code, quantization_config=quantization,
+                           device_map={"": distributed.device()})
     for layer in model.modules():
         if isinstance(layer, bnb.nn.Linear4bit):
             # On CPUs with AVX512-BF16, bitsandbytes 0.50 repacks a layer's weights the first time it runs in eval

@@ -113,9 +113,10 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def load_causal_lm(path: str, dtype: str = "float32", trust_remote_code: bool = False):
+def load_causal_lm(path: str, dtype: str = "float32", trust_remote_code: bool = False, **loading):
     """A causal LM from a model folder; from a LoRA adapter folder (a round's checkpoint under
-    `policy_adapter`), its base with the adapter merged in."""
+    `policy_adapter`), its base with the adapter merged in. `loading`: more of transformers' `from_pretrained`
+    arguments, for a model folder (a quantisation config and device map, `adapters.load_quantized`)."""
     from transformers import AutoModelForCausalLM
 
     from .adapters import is_adapter, load_merged
@@ -126,7 +127,7 @@ def load_causal_lm(path: str, dtype: str = "float32", trust_remote_code: bool = 
         return load_merged(folder, dtype, trust_remote_code)
     try:
         return AutoModelForCausalLM.from_pretrained(
-            folder, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, use_safetensors=True
+            folder, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, use_safetensors=True, **loading
         )
     except OSError as e:
         raise ModelError(f"model path {path}: cannot load a causal LM ({str(e).splitlines()[0]})") from None
