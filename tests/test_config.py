@@ -85,6 +85,10 @@ def test_feedback_must_fit_the_loss():
     assert config.feedback.threshold == "median"
     with pytest.raises(ConfigError, match="'mean'/'median' is for type 'binary'"):
         load_config(None, ["feedback.threshold=mean"])
+    assert load_config(None, ["feedback.mode=random_maximal"]).feedback.mode == "random_maximal"
+    for mode in ("random", "random_maximal"):
+        with pytest.raises(ConfigError, match="feedback: length_balance takes pairwise feedback with mode max or min"):
+            load_config(None, [f"feedback.mode={mode}", "feedback.length_balance=true"])
 
 
 def test_file_prompt_source_needs_a_path():

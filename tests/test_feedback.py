@@ -127,6 +127,41 @@ def test_random_mode_odd_group_leaves_one_out_and_threshold_drops_pairs():
     assert pairwise_feedback(group("p1", [0.0, 0.25, 0.5]), mode="random", threshold=0.5, seed=3) == []
 
 
+def test_random_maximal_pairs_what_random_leaves_unpaired():
+    """Rewards 1, 1, 0, 0: random pairs the shuffle's neighbours, so a seed whose shuffle puts equal rewards side
+    by side yields no pair; random_maximal lets each sample take the next one it clears the rules with, so every
+    seed yields two pairs, each a 1 over a 0, every sample used once."""
+    samples = group("p1", [1.0, 1.0, 0.0, 0.0])
+    seeds_random_leaves_empty = 0
+    for seed in range(12):
+        seeds_random_leaves_empty += pairwise_feedback(samples, mode="random", seed=seed) == []
+        pairs = pairwise_feedback(samples, mode="random_maximal", seed=seed)
+        assert sorted(oriented(p)[2] for p in pairs) == [1.0, 1.0]
+        assert sorted(i for p in pairs for i in (p["sample_id_A"], p["sample_id_B"])) == [0, 1, 2, 3]
+        assert {oriented(p)[0] for p in pairs} == {0, 1}
+        assert pairwise_feedback(samples, mode="random_maximal", seed=seed) == pairs  # same seed reproduces
+    assert seeds_random_leaves_empty > 0  # the case exists among these seeds
+
+
+def test_random_maximal_is_random_when_every_neighbour_clears():
+    # distinct rewards, no length rule: every pair clears, so the greedy pass takes the shuffle's neighbours
+    for seed in range(6):
+        assert pairwise_feedback(group("p1", FOUR), mode="random_maximal", seed=seed) == \
+            pairwise_feedback(group("p1", FOUR), mode="random", seed=seed)
+
+
+def test_random_maximal_with_length_ratio_pairs_like_lengths():
+    # lengths 10, 10, 100, 100: only 0-1 and 2-3 pass a 0.5 ratio; both clear the threshold (gaps 0.25, 0.625)
+    samples = sized("p1", FOUR, [10, 10, 100, 100])
+    for seed in range(8):
+        pairs = pairwise_feedback(samples, mode="random_maximal", seed=seed, length_ratio=0.5)
+        assert sorted(oriented(p) for p in pairs) == [(1, 0, 0.25), (3, 2, 0.625)]
+        assert len(pairwise_feedback(samples, mode="random", seed=seed, length_ratio=0.5)) <= 2
+    # a threshold of 0.25 leaves 2-3 alone
+    assert [oriented(p) for p in pairwise_feedback(samples, mode="random_maximal", threshold=0.25,
+                                                    length_ratio=0.5)] == [(3, 2, 0.625)]
+
+
 # ---------------------------------------------------------------------------------------------- edge cases
 
 
@@ -143,18 +178,18 @@ def test_tie_break_uses_sample_id_not_file_order():
 
 
 def test_one_sample_per_prompt_gives_no_pair():
-    for mode in ("max", "min", "random"):
+    for mode in ("max", "min", "random", "random_maximal"):
         assert pairwise_feedback([sample("p1", 0, 0.5)], mode=mode) == []
 
 
 def test_all_rewards_equal_gives_no_pair_at_threshold_zero():
-    for mode in ("max", "min", "random"):
+    for mode in ("max", "min", "random", "random_maximal"):
         assert pairwise_feedback(group("p1", [0.5, 0.5, 0.5, 0.5]), mode=mode, threshold=0.0) == []
 
 
 def test_null_rewards_take_no_part():
     samples = [sample("p1", 0, None), sample("p1", 1, 0.25), sample("p1", 2, None), sample("p1", 3, 0.75)]
-    for mode in ("max", "min", "random"):
+    for mode in ("max", "min", "random", "random_maximal"):
         [pair] = pairwise_feedback(samples, mode=mode)
         assert oriented(pair) == (3, 1, 0.5)
     # only one scored sample left: no pair
@@ -176,7 +211,7 @@ def test_groups_in_first_appearance_order():
 def test_prompt_pairs_do_not_depend_on_other_prompts():
     mine = group("p1", [0.0, 0.25, 0.5, 0.75, 1.0, 0.125])
     others = group("zz", [0.0, 1.0, 0.5])
-    for mode in ("random", "max", "min"):
+    for mode in ("random", "random_maximal", "max", "min"):
         alone = pairwise_feedback(mine, mode=mode, seed=7)
         mixed = pairwise_feedback(others + list(reversed(mine)), mode=mode, seed=7)
         assert [p for p in mixed if p["prompt_id"] == "p1"] == alone
@@ -195,7 +230,7 @@ def test_ab_order_is_randomised_and_labels_follow_rewards():
 
 
 def test_bad_mode_and_threshold():
-    with pytest.raises(ValueError, match="random, max, min"):
+    with pytest.raises(ValueError, match="random, random_maximal, max, min"):
         pairwise_feedback(group("p1", FOUR), mode="best")
     with pytest.raises(ValueError, match=">= 0"):
         pairwise_feedback(group("p1", FOUR), threshold=-0.1)
@@ -272,6 +307,8 @@ def test_length_balance_switches_the_prompts_that_lose_least_then_drops_pairs():
     assert pairwise_feedback(p1, mode="max", length_balance=True) == pairwise_feedback(p1, mode="max")  # 1 against 0
     with pytest.raises(ValueError, match="length_balance"):
         pairwise_feedback(p1, mode="random", length_balance=True)
+    with pytest.raises(ValueError, match="length_balance"):
+        pairwise_feedback(p1, mode="random_maximal", length_balance=True)
 
 
 def test_length_balance_leaves_no_net_length_signal_in_a_round():
@@ -531,7 +568,7 @@ def test_feedback_stage_bad_arguments(tmp_path):
     scored = write_lines(tmp_path / "scored.jsonl", [GOOD])
     with pytest.raises(ValueError, match="pairwise, binary"):
         feedback_stage(scored, tmp_path / "o.jsonl", kind="scalar")
-    with pytest.raises(ValueError, match="random, max, min"):
+    with pytest.raises(ValueError, match="random, random_maximal, max, min"):
         feedback_stage(scored, tmp_path / "o.jsonl", mode="worst")
     with pytest.raises(ValueError):
         feedback_stage(scored, tmp_path / "o.jsonl", kind="pairwise", threshold="mean")

@@ -108,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="feedback file to write")
     _config_args(p)
     _setting(p, "--type", "feedback.type", choices=["pairwise", "binary"])
-    _setting(p, "--mode", "feedback.mode", choices=["random", "max", "min"], help="pairing (pairwise)")
+    _setting(p, "--mode", "feedback.mode", choices=["random", "random_maximal", "max", "min"], help="pairing (pairwise)")
     _setting(p, "--threshold", "feedback.threshold", type=_number_or_word,
              help="pairwise: minimum gap; binary: mean, median or a number")
     _setting(p, "--length-ratio", "feedback.length_ratio", type=float,

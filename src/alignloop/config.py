@@ -253,7 +253,7 @@ LabelerConfig = _one_of("labeler")
 
 class FeedbackConfig(Strict):
     type: Literal["pairwise", "binary"] = "pairwise"
-    mode: Literal["random", "max", "min"] = "max"
+    mode: Literal["random", "random_maximal", "max", "min"] = "max"  # (`alignloop.stages.feedback`)
     threshold: Union[float, Literal["mean", "median"]] = 0.0
     # Length kept honest (`alignloop.stages.feedback`): pairs whose shorter answer has at least this fraction of
     # the longer one's characters (null: any), and a penalty off the reward of an answer cut at the cap
@@ -268,7 +268,7 @@ class FeedbackConfig(Strict):
             raise ValueError("threshold 'mean'/'median' is for type 'binary'; pairwise takes a number >= 0")
         if self.type == "pairwise" and self.threshold < 0:
             raise ValueError("threshold must be >= 0 for pairwise feedback")
-        if self.length_balance and (self.type != "pairwise" or self.mode == "random"):
+        if self.length_balance and (self.type != "pairwise" or self.mode not in ("max", "min")):
             raise ValueError("length_balance takes pairwise feedback with mode max or min")
         return self
 
