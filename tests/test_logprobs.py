@@ -47,12 +47,14 @@ def test_sequence_logps_sum_only_response_tokens(tiny_model):
     assert response[-1] == tok.eos_token_id  # the end-of-turn token is trained on
 
 
-@pytest.mark.parametrize("chunk", [1024, 7])
-def test_packed_rows_give_the_textbook_logps_and_gradients(tiny_model, monkeypatch, chunk):
+@pytest.mark.parametrize("chunk, multiple", [(1024, 1), (7, 1), (1024, 64)])
+def test_packed_rows_give_the_textbook_logps_and_gradients(tiny_model, monkeypatch, chunk, multiple):
     """Every response of a prompt in one row, the head applied at response positions only (in chunks of 7
-    positions, too, so that chunk boundaries fall inside responses): each token's log-prob, and the gradient of
-    a weighted sum of them, equal the textbook computation, one forward per response, in float32."""
+    positions, too, so that chunk boundaries fall inside responses; and with the rows padded from 52 to 64
+    positions, as on a GPU): each token's log-prob, and the gradient of a weighted sum of them, equal the
+    textbook computation, one forward per response, in float32."""
     monkeypatch.setattr(logprobs, "HEAD_CHUNK", chunk)
+    monkeypatch.setattr(logprobs, "WIDTH_MULTIPLE", {"cpu": multiple})
     model = load_causal_lm(tiny_model).train()
     assert logprobs._plain_output_head(model) is not None  # the packed path is the one under test
     prompts, responses = examples()

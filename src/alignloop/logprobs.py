@@ -21,6 +21,11 @@ import torch
 import torch.nn.functional as F
 
 HEAD_CHUNK = 1024  # positions per chunk of the output head: [1024, vocabulary] float32 logits at a time
+# A packed row's width is rounded up to a multiple of this on these devices. On a GPU each new input shape costs
+# the attention a new plan (cuDNN's fused kernels take alignloop's custom mask), about half a second on an
+# H200, more than a step of a small model, so a round of many widths is bound by these set-ups; a CPU has no
+# such cost and would only compute the padding.
+WIDTH_MULTIPLE = {"cuda": 64}
 # Config keys of models whose logits are more than hidden states times the output head (Gemma's soft-capping,
 # Cohere's and Granite's scaling): those take the plain path.
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
@@ -63,6 +68,8 @@ def response_logps(model, prompts: list[list[int]], responses: list[list[list[in
     B, S = len(prompts), max(len(rs) for rs in responses)
     L = max(1, max(len(r) for rs in responses for r in rs))
     width = max(len(p) + sum(len(r) for r in rs) for p, rs in zip(prompts, responses))
+    multiple = WIDTH_MULTIPLE.get(device.type, 1)
+    width = -(-width // multiple) * multiple
     input_ids = torch.full((B, width), pad_id, dtype=torch.long)
     position_ids = torch.zeros((B, width), dtype=torch.long)
     segment = torch.full((B, width), -1, dtype=torch.long)  # 0: prompt, k: response k, -1: padding
