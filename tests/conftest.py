@@ -169,6 +169,7 @@ def tiny_run_overrides(run_dir, policy: str) -> list[str]:
         "heldout.limit=6", "sampler.backend=hf", "sampler.max_new_tokens=12", "eval.max_new_tokens=12", "sampler.dtype=float32", "optim.batch_size=2",
         "optim.epochs=1", "optim.lr=1e-3", "optim.mixed_precision=no",
         "labeler.function=toy_rewards:lowercase_fraction",
-        # every tiny answer hits its 12-token cap; the embedded default's length rules would only thin the pairs
-        "feedback.length_ratio=null", "feedback.truncation_penalty=0",
+        # every tiny answer hits its 12-token cap; the embedded default's length rules would only thin the pairs,
+        # and its random pairs leave a prompt without a pair when its shuffle's neighbours tie
+        "feedback.length_ratio=null", "feedback.truncation_penalty=0", "feedback.mode=max",
     ]

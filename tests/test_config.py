@@ -15,7 +15,7 @@ def write(tmp_path, text):
 def test_embedded_default_is_valid_and_round_trips(tmp_path):
     config = load_config(None)
     assert config.policy == "smollm2-135m-instruct"
-    assert config.loss.name == "dpo" and config.feedback.mode == "max"
+    assert config.loss.name == "dpo" and config.feedback.mode == "random"
     again = load_config(write(tmp_path, dump_config(config)))
     assert again == config
 

@@ -120,7 +120,7 @@ samples_per_prompt: 3
 heldout: {{limit: 6}}
 sampler: {{backend: hf, max_new_tokens: 12, dtype: float32, batch_size: 6}}
 eval: {{max_new_tokens: 12}}
-feedback: {{length_ratio: null, truncation_penalty: 0}}
+feedback: {{mode: max, length_ratio: null, truncation_penalty: 0}}
 labeler: {{kind: reward_model, path: {rm}, dtype: float32, batch_size: 4}}
 optim: {{batch_size: 3, epochs: 1, lr: 1.0e-3, mixed_precision: "no"}}
 """)

@@ -78,7 +78,7 @@ def test_resume_refuses_a_different_config(tiny_model, tmp_path):
 # Config files that release 0.1.0 saved in run directories, and the settings that wrote them: its defaults that
 # have changed since, then each file's own.
 DEFAULTS_0_1_0 = ["sampler.max_new_tokens=64", "optim.lr=5e-5", "optim.epochs=2", "eval.max_new_tokens=null",
-                  "feedback.length_ratio=null", "feedback.truncation_penalty=0"]
+                  "feedback.length_ratio=null", "feedback.truncation_penalty=0", "feedback.mode=max"]
 RELEASE_0_1_0 = {
     "default": [],
     "judge": ["labeler.kind=judge", "labeler.base_url=http://127.0.0.1:8000/v1", "labeler.model=judge",

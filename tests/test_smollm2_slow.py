@@ -14,14 +14,14 @@ pytestmark = pytest.mark.slow
 def test_embedded_default_aligns(tmp_path):
     """`alignloop run` with no config: 3 rounds on SmolLM2, measured as users measure (greedy answers of up to
     256 tokens to held-out prompts on new topics, judged by IFEval's strict checkers): the instruction-level
-    accuracy and the held-out reward end above the SFT model's, both paired 95% confidence intervals over the
-    held-out prompts excluding zero (about 12 minutes on 2 CPU cores with vLLM, the default where it is
-    installed, as in CI).
+    accuracy up by at least 0.15 and the held-out reward above the SFT model's, both paired 95% confidence
+    intervals over the held-out prompts excluding zero, with the answers no shorter than 70% of the SFT model's
+    (the issue's targets; about 11 minutes on 2 CPU cores with vLLM, the default where it is installed, as in
+    CI).
 
-    The answers' length is asserted at the level the default reaches (half the SFT model's, README "How the
-    default was tuned"), not at the 70% the project aims for: that target is open. The run is seed 0's, whose
-    samples are the same run after run; seeds 1 and 2 end near +0.06 (README), so these thresholds hold for this
-    seed, not for the default's effect in general."""
+    The run is seed 0's, whose samples are the same run after run; it ends at +0.206 and 76% of the length. At
+    seeds 1 and 2 the same default ends at +0.127 with 24% of the length and +0.091 with 77% (README), so these
+    thresholds hold for this seed, not for the default's effect in general."""
     run_dir = tmp_path / "default"
     cmd = [sys.executable, "-m", "alignloop", "--no-progress", "run", "--run-dir", str(run_dir)]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=3000)
@@ -47,7 +47,7 @@ def test_embedded_default_aligns(tmp_path):
     accuracy = summary["heldout_ifeval"]["change"]["instruction"]
     assert accuracy["n"] == 100 and accuracy["mean"] >= 0.15 and accuracy["ci95"][0] > 0, accuracy
     length = summary["heldout_length"]
-    assert length["last"]["words"] >= 0.45 * length["sft"]["words"], length  # the default's 52%, less a margin
+    assert length["last"]["words"] >= 0.70 * length["sft"]["words"], length  # the floor the project aims for
     assert length["last"]["truncated"] < length["sft"]["truncated"], length  # fewer answers cut at the cap
     # the console: a line per finished stage, then the table; nothing from vLLM, transformers and the rest
     assert result.stderr == ""
