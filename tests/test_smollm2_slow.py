@@ -16,7 +16,7 @@ def test_embedded_default_aligns(tmp_path):
     256 tokens to held-out prompts on new topics, judged by IFEval's strict checkers): the instruction-level
     accuracy up by at least 0.15 and the held-out reward above the SFT model's, both paired 95% confidence
     intervals over the held-out prompts excluding zero, with the answers no shorter than 70% of the SFT model's
-    (the issue's targets; about 11 minutes on 2 CPU cores with vLLM, the default where it is installed, as in
+    (the issue's targets; about 10 minutes on 2 CPU cores with vLLM, the default where it is installed, as in
     CI).
 
     The run is seed 0's, whose samples are the same run after run; it ends at +0.206 and 76% of the length. At
