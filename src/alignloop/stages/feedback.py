@@ -8,7 +8,7 @@ The rules are HALOs' (ContextualAI/HALOs, train/label.py) without its bugs:
   samples and pairs neighbours, dropping a pair that does not clear the rules, so a prompt of samples 1, 1, 0, 0
   may yield no pair at all; `random_maximal` is ours: in the same shuffled order each sample not yet paired
   takes the first later one it clears the rules with, which keeps as many disjoint pairs as a greedy matching
-  can (on the embedded default's rounds, 30-40 pairs of 48 prompts against random's 15-27, within 3% of the
+  can (on the embedded default's rounds, 28-41 pairs of 48 prompts against random's 15-27, within 3% of the
   most possible), with no preference for large or small gaps.
 - Binary feedback labels a sample desirable when reward >= threshold (HALOs used >, so a reward equal to the
   threshold was undesirable); the threshold may be the mean or median over all scored samples of the round.
