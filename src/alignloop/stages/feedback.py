@@ -205,14 +205,12 @@ def _choose_pairs(group: list[dict], mode: str, threshold: float, rng: random.Ra
     if len(group) < 2:
         return []
 
-    if mode == "random":
+    if mode in ("random", "random_maximal"):
         shuffled = list(group)
         rng.shuffle(shuffled)
-        neighbours = [(shuffled[i], shuffled[i + 1]) for i in range(0, len(shuffled) - 1, 2)]
-        return [ordered(a, b) for a, b in neighbours if clears(a, b)]
-    if mode == "random_maximal":
-        shuffled = list(group)
-        rng.shuffle(shuffled)
+        if mode == "random":
+            neighbours = [(shuffled[i], shuffled[i + 1]) for i in range(0, len(shuffled) - 1, 2)]
+            return [ordered(a, b) for a, b in neighbours if clears(a, b)]
         pairs, paired = [], set()
         for i, a in enumerate(shuffled):
             if i in paired:
